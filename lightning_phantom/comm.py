@@ -1,0 +1,144 @@
+"""Communication of phantom parallelism as conjugate autograd pairs.
+
+Each collective is a small ``torch.autograd.Function`` named for what it does to a
+tensor, and its backward is the adjoint of its forward (as in Megatron-LM's
+``tensor_parallel/mappings.py``):
+
+==========================  ===================  ===================
+function                    forward              backward
+==========================  ===================  ===================
+``copy_to_phantom``         identity             all-reduce
+``reduce_from_phantom``     all-reduce           identity
+``gather_ghosts``           all-gather (dim 0)   reduce-scatter
+==========================  ===================  ===================
+
+A group of size 1 bypasses the collective. Nothing here names a device: the tensors'
+device decides, so the same code runs on gloo (CPU) and NCCL (CUDA).
+
+Collectives are looked up as ``torch.distributed.<name>`` at call time so that
+``lightning_phantom.counting.CommCounter`` can count what is handed to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """Where this shard sits: its rank inside the phantom group and the group's size.
+
+    ``group=None`` means the default (world) group once ``torch.distributed`` is
+    initialised, and a group of one process otherwise.
+    """
+
+    group: Optional[ProcessGroup]
+    rank: int
+    size: int
+
+    def __deepcopy__(self, memo) -> "GroupInfo":
+        return self  # immutable, and a ProcessGroup cannot be copied: copies share it
+
+    @classmethod
+    def of(cls, group: Optional[ProcessGroup] = None) -> "GroupInfo":
+        if not (dist.is_available() and dist.is_initialized()):
+            if group is not None:
+                raise RuntimeError(
+                    "A process group was given but torch.distributed is not initialised; call "
+                    "torch.distributed.init_process_group first (or let the Trainer's strategy do it)."
+                )
+            return cls(None, 0, 1)
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def all_gather_into(out: Tensor, x: Tensor, group: Optional[ProcessGroup], async_op: bool = False):
+    """All-gather along dim 0 into ``out`` (torch >= 2.13 names it ``all_gather_single``)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, x, group=group, async_op=async_op)
+
+
+def reduce_scatter_into(out: Tensor, x: Tensor, group: Optional[ProcessGroup], async_op: bool = False):
+    """Sum over ranks, rank r keeping block r of dim 0 (torch >= 2.13: ``reduce_scatter_single``)."""
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return scatter(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+
+def all_reduce_sum(x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+class _CopyToPhantom(torch.autograd.Function):
+    """Identity forward; all-reduce of the gradient backward (a replicated input feeds every shard)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return all_reduce_sum(grad.contiguous().clone(), ctx.group), None
+
+
+class _ReduceFromPhantom(torch.autograd.Function):
+    """All-reduce forward (sum of the row-parallel partial products); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        return all_reduce_sum(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _GatherGhosts(torch.autograd.Function):
+    """All-gather along dim 0 forward; reduce-scatter of the gradient backward.
+
+    Every rank consumes every rank's ghosts, so a ghost's gradient is the sum over ranks
+    of what each consumer sends back: exactly a reduce-scatter (PHANTOM.md, "Backward" 2).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        x = x.contiguous()
+        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+        all_gather_into(out, x, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        size = dist.get_world_size(ctx.group)
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
+        reduce_scatter_into(out, grad, ctx.group)
+        return out, None
+
+
+def _single(group: Optional[ProcessGroup]) -> bool:
+    return not dist.is_initialized() or dist.get_world_size(group) == 1
+
+
+def copy_to_phantom(x: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
+    """Enter a phantom group with a replicated tensor: identity forward, all-reduce backward."""
+    return x if _single(group) else _CopyToPhantom.apply(x, group)
+
+
+def reduce_from_phantom(x: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
+    """Leave a phantom group by summing partial results: all-reduce forward, identity backward."""
+    return x if _single(group) else _ReduceFromPhantom.apply(x, group)
+
+
+def gather_ghosts(x: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
+    """Concatenate every rank's tensor along dim 0: all-gather forward, reduce-scatter backward."""
+    return x if _single(group) else _GatherGhosts.apply(x, group)

@@ -1,0 +1,280 @@
+"""Conversion between dense FFNs and phantom shards, and exact re-sharding.
+
+* ``to_phantom``: a dense ``nn.Sequential`` → this rank's ``PhantomFFN`` (``svd``: the
+  closest phantom model by Eckart–Young; ``random``: fresh, variance-matched).
+* ``merge_shards``: p shards → p/m shards computing exactly the same function
+  (PHANTOM.md, "Exact re-sharding"); m = p gives the dense model.
+* ``gather_shards`` / ``to_dense``: collect a group's shards on every rank and rebuild the
+  dense module, for serving on one device.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_phantom.comm import GroupInfo, all_gather_into
+from lightning_phantom.layers import (
+    ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard, ghosts_per_layer,
+)
+
+
+def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
+    """The Linear layers of an FFN, or a ValueError saying why ``module`` is not one."""
+    if not isinstance(module, nn.Sequential):
+        raise TypeError(f"{name} must be an nn.Sequential of nn.Linear and element-wise layers, "
+                        f"got {type(module).__name__}")
+    linears = []
+    for idx, child in enumerate(module):
+        if type(child) is nn.Linear:
+            if linears and child.in_features != linears[-1].out_features:
+                raise ValueError(f"{name}[{idx}] takes {child.in_features} features but the Linear before it "
+                                 f"gives {linears[-1].out_features}")
+            linears.append(child)
+        elif not isinstance(child, ELEMENTWISE):
+            raise ValueError(
+                f"{name}[{idx}] is {type(child).__name__}, which is not an nn.Linear or an element-wise layer "
+                f"({', '.join(t.__name__ for t in ELEMENTWISE[:8])}, …); phantom parallelism shards only such FFNs."
+            )
+    if len(linears) < 3:
+        raise ValueError(f"{name} has {len(linears)} Linear layer(s); phantom parallelism needs at least 3 "
+                         "(first, one hidden-to-hidden, last).")
+    if len({lin.bias is None for lin in linears}) > 1:
+        raise ValueError(f"{name} mixes Linear layers with and without bias; use one or the other throughout")
+    return linears
+
+
+def _new_like(cls, *args, info: GroupInfo, bias: bool, like: Tensor, **kw):
+    # Built on the meta device: every parameter is assigned right after, so a random
+    # initialisation would only be wasted work (and memory for wide layers).
+    layer = cls(*args, bias=bias, shard=info, device="meta", **kw)
+    layer.to_empty(device=like.device)
+    return layer.to(like.dtype)
+
+
+def _assign(layer: nn.Module, **tensors: Optional[Tensor]) -> nn.Module:
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if value is not None:
+                getattr(layer, name).copy_(value)
+    return layer
+
+
+def _block(w: Tensor, i: int, j: int, c: int, a: int) -> Tensor:
+    return w[i * c:(i + 1) * c, j * a:(j + 1) * a]
+
+
+def _svd_factors(m: Tensor, ghosts: int) -> tuple[Tensor, Tensor]:
+    """Best rank-``ghosts`` factors of m: (U S^½, S^½ Vᵀ), padded with zeros past m's rank."""
+    work = m.double() if m.dtype == torch.float64 else m.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    r = min(ghosts, s.numel())
+    root = s[:r].sqrt()
+    left = work.new_zeros(m.shape[0], ghosts)
+    right = work.new_zeros(ghosts, m.shape[1])
+    left[:, :r] = u[:, :r] * root
+    right[:r] = root[:, None] * vh[:r]
+    return left.to(m.dtype), right.to(m.dtype)
+
+
+def _phantom_from_dense(lin: nn.Linear, ghosts: int, info: GroupInfo, overlap: bool) -> PhantomLinear:
+    """PHANTOM.md, "Initialisation" from a dense layer, for rank ``info.rank``.
+
+    Rank j factors M_j = [W_ij]_{i≠j} itself and sends the decompressor rows to their
+    receivers with one all-gather: SVD signs are not unique, so each C_j and the D_ij
+    that multiply it must come from the same factorisation.
+    """
+    p, i = info.size, info.rank
+    w = lin.weight.detach()
+    c, a = lin.out_features // p, lin.in_features // p
+    layer = _new_like(PhantomLinear, lin.in_features, lin.out_features, ghosts, info=info,
+                      bias=lin.bias is not None, like=w, overlap=overlap)
+    bias = None if lin.bias is None else lin.bias.detach()[i * c:(i + 1) * c]
+    _assign(layer, weight=_block(w, i, i, c, a), bias=bias)
+    if p == 1:
+        return layer
+    stacked = torch.cat([_block(w, r, i, c, a) for r in range(p) if r != i])  # M_i, (p−1)c × a
+    left, right = _svd_factors(stacked, ghosts)  # [D_ri]_{r≠i} and C_i
+    every_left = left.new_empty(p * left.shape[0], ghosts)
+    all_gather_into(every_left, left.contiguous(), info.group)
+    every_left = every_left.view(p, p - 1, c, ghosts)
+    # Rank j's stack lists receivers r ≠ j in order; receiver i sits at i − (i > j).
+    decompress = torch.cat([every_left[j, i - (i > j)] for j in range(p) if j != i], dim=1)
+    return _assign(layer, compress=right, decompress=decompress)
+
+
+def to_phantom(module: nn.Sequential, ghosts, group=None, init: str = "svd", overlap: bool = True) -> PhantomFFN:
+    """This rank's shard of a dense FFN (a collective call when ``init="svd"``).
+
+    ``init="svd"`` gives the closest phantom model to the dense weights (exact when
+    ghosts >= min((p−1)·c, a)); ``init="random"`` keeps only the architecture and
+    initialises fresh, matched in variance to the dense layers.
+    The dense module must hold the same weights on every rank of the group.
+    """
+    linears = ffn_linears(module)
+    if init not in ("svd", "random"):
+        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    info = GroupInfo.of(group)
+    ghost_iter = iter(ghosts_per_layer(ghosts, len(linears) - 2))
+    return PhantomFFN.from_layers(
+        [_convert_child(child, linears, ghost_iter, info, overlap, random=init == "random") for child in module]
+    )
+
+
+def _convert_child(child, linears, ghost_iter, info: GroupInfo, overlap: bool, random: bool) -> nn.Module:
+    if type(child) is not nn.Linear:
+        return copy.deepcopy(child)
+    p, i = info.size, info.rank
+    w, b = child.weight.detach(), None if child.bias is None else child.bias.detach()
+    kw = {"bias": b is not None, "shard": info, "device": w.device, "dtype": w.dtype}
+    if child is linears[0]:
+        if random:
+            return ColumnParallelLinear(child.in_features, child.out_features, **kw)
+        c = child.out_features // p
+        layer = _new_like(ColumnParallelLinear, child.in_features, child.out_features, info=info,
+                          bias=b is not None, like=w)
+        return _assign(layer, weight=w[i * c:(i + 1) * c], bias=None if b is None else b[i * c:(i + 1) * c])
+    if child is linears[-1]:
+        if random:
+            return RowParallelLinear(child.in_features, child.out_features, **kw)
+        a = child.in_features // p
+        layer = _new_like(RowParallelLinear, child.in_features, child.out_features, info=info,
+                          bias=b is not None, like=w)
+        return _assign(layer, weight=w[:, i * a:(i + 1) * a], bias=b)
+    ghosts = next(ghost_iter)
+    if random:
+        return PhantomLinear(child.in_features, child.out_features, ghosts, overlap=overlap, **kw)
+    return _phantom_from_dense(child, ghosts, info, overlap)
+
+
+def _empty_shard(layer: _Shard, info: GroupInfo, like: Tensor, ghosts: Optional[int] = None) -> _Shard:
+    cls = type(layer)
+    if cls is PhantomLinear:
+        return _new_like(cls, layer.in_features, layer.out_features, ghosts or layer.ghosts, info=info,
+                         bias=layer.bias is not None, like=like, overlap=layer.overlap)
+    return _new_like(cls, layer.in_features, layer.out_features, info=info, bias=layer.bias is not None, like=like)
+
+
+def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
+    """Every rank's shard of ``ffn``, on every rank of its group (a collective call).
+
+    All shards of a phantom model have the same shapes, so one all-gather per tensor
+    suffices: no pickling, and it works on NCCL as on gloo. The returned shards carry
+    (rank, size) but no process group: they are for merging, not for running.
+    """
+    info = ffn.shard
+    if info.size == 1:
+        return [ffn]
+    state = ffn.state_dict()
+    gathered = {}
+    for name, t in state.items():
+        out = t.new_empty(info.size * t.numel())
+        all_gather_into(out, t.detach().reshape(-1), info.group)
+        gathered[name] = out.view(info.size, *t.shape)
+    shards = []
+    for rank in range(info.size):
+        shard_info = GroupInfo(None, rank, info.size)
+        layers = [_empty_shard(m, shard_info, m.weight) if isinstance(m, _Shard) else copy.deepcopy(m) for m in ffn]
+        shard = PhantomFFN.from_layers(layers)
+        shard.load_state_dict({name: t[rank] for name, t in gathered.items()})
+        shards.append(shard)
+    return shards
+
+
+def _merge_phantom(parts: Sequence[PhantomLinear], r: int, m: int, info: GroupInfo) -> PhantomLinear:
+    """PHANTOM.md, "Exact re-sharding": merge old ranks R = r·m … r·m+m−1 into new rank r."""
+    p, k = len(parts), parts[0].ghosts
+    c, a = parts[0].weight.shape
+    R = range(r * m, (r + 1) * m)
+
+    def d(i: int, j: int) -> Tensor:  # D_ij, c × k, from rank i's side-by-side decompressors
+        col = (j - (j > i)) * k
+        return parts[i].decompress[:, col:col + k]
+
+    layer = _empty_shard(parts[0], info, parts[0].weight, ghosts=m * k)
+    with torch.no_grad():
+        # Local block: the dense submatrix of R, including their D·C products among themselves.
+        for bi, i in enumerate(R):
+            for bj, j in enumerate(R):
+                block = parts[i].weight if i == j else d(i, j) @ parts[j].compress
+                layer.weight[bi * c:(bi + 1) * c, bj * a:(bj + 1) * a] = block
+        if layer.bias is not None:
+            layer.bias.copy_(torch.cat([parts[i].bias for i in R]))
+        if info.size > 1:
+            layer.compress.copy_(torch.block_diag(*[parts[j].compress for j in R]))
+            others = [s for s in range(p // m) if s != r]
+            for bs, s in enumerate(others):
+                for bi, i in enumerate(R):
+                    for bj, j in enumerate(range(s * m, (s + 1) * m)):
+                        layer.decompress[bi * c:(bi + 1) * c, (bs * m + bj) * k:(bs * m + bj + 1) * k] = d(i, j)
+    return layer
+
+
+def merge_shards(shards: Sequence[PhantomFFN], m: int) -> list[PhantomFFN]:
+    """Re-shard the p shards of one phantom model onto p/m ranks, exactly (ghosts become m·k).
+
+    ``shards[i]`` is rank i's ``PhantomFFN`` (from ``gather_shards``, or loaded from each
+    rank's checkpoint). The result's shard r is for rank r of a group of p/m; ``m = p``
+    gives one shard that is the dense model.
+    """
+    p = len(shards)
+    if not isinstance(m, int) or m < 1 or p % m:
+        raise ValueError(f"can merge {p} shards only by a factor m that divides {p}, got m={m!r}")
+    ranks = [s.shard for s in shards]
+    if [(g.rank, g.size) for g in ranks] != [(i, p) for i in range(p)]:
+        raise ValueError("merge_shards needs the shards of every rank in rank order; got (rank, size) = "
+                         f"{[(g.rank, g.size) for g in ranks]}")
+    merged = []
+    for r in range(p // m):
+        info = GroupInfo(None, r, p // m)
+        own = range(r * m, (r + 1) * m)
+        layers = []
+        for idx, layer in enumerate(shards[0]):
+            parts = [s[idx] for s in shards]
+            if isinstance(layer, PhantomLinear):
+                layers.append(_merge_phantom(parts, r, m, info))
+            elif isinstance(layer, ColumnParallelLinear):
+                new = _empty_shard(layer, info, layer.weight)
+                bias = None if layer.bias is None else torch.cat([parts[i].bias for i in own])
+                layers.append(_assign(new, weight=torch.cat([parts[i].weight for i in own]), bias=bias))
+            elif isinstance(layer, RowParallelLinear):
+                new = _empty_shard(layer, info, layer.weight)
+                layers.append(_assign(new, weight=torch.cat([parts[i].weight for i in own], dim=1), bias=layer.bias))
+            else:
+                layers.append(copy.deepcopy(layer))
+        merged.append(PhantomFFN.from_layers(layers))
+    return merged
+
+
+def _dense_sequential(ffn: PhantomFFN) -> nn.Sequential:
+    layers = []
+    for layer in ffn:
+        if isinstance(layer, _Shard):
+            w = layer.weight
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device=w.device, dtype=w.dtype)
+            layers.append(_assign(dense, weight=w, bias=layer.bias))
+        else:
+            layers.append(copy.deepcopy(layer))
+    return nn.Sequential(*layers)
+
+
+def to_dense(module: nn.Module) -> nn.Module:
+    """The dense model a phantom model computes; a collective call, every rank gets it.
+
+    For a ``PhantomFFN``: the dense ``nn.Sequential`` (same layer order and activations
+    as the FFN it came from). For any module containing PhantomFFNs (a LightningModule,
+    say): a deep copy with each replaced by its dense form, detached from any Trainer.
+    """
+    if isinstance(module, PhantomFFN):
+        return _dense_sequential(merge_shards(gather_shards(module), module.shard.size)[0])
+    # modules() has the same order on every rank, so the collectives line up.
+    memo = {id(ffn): to_dense(ffn) for ffn in module.modules() if isinstance(ffn, PhantomFFN)}
+    for attr in ("_trainer", "_fabric", "_device_mesh"):
+        if getattr(module, attr, None) is not None:
+            memo[id(getattr(module, attr))] = None
+    return copy.deepcopy(module, memo)
