@@ -29,7 +29,15 @@ def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
         raise TypeError(f"{name} must be an nn.Sequential of nn.Linear and element-wise layers, "
                         f"got {type(module).__name__}")
     linears = []
+    seen: dict[int, str] = {}
     for idx, child in enumerate(module):
+        for pname, param in child.named_parameters():
+            if id(param) in seen:
+                raise ValueError(
+                    f"{name}[{idx}].{pname} is the same tensor as {seen[id(param)]}: sharding would untie "
+                    "shared weights silently. Give each layer its own weights (or keep this FFN dense)."
+                )
+            seen[id(param)] = f"{name}[{idx}].{pname}"
         if type(child) is nn.Linear:
             if linears and child.in_features != linears[-1].out_features:
                 raise ValueError(f"{name}[{idx}] takes {child.in_features} features but the Linear before it "
@@ -43,8 +51,6 @@ def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
     if len(linears) < 3:
         raise ValueError(f"{name} has {len(linears)} Linear layer(s); phantom parallelism needs at least 3 "
                          "(first, one hidden-to-hidden, last).")
-    if len({lin.bias is None for lin in linears}) > 1:
-        raise ValueError(f"{name} mixes Linear layers with and without bias; use one or the other throughout")
     return linears
 
 
