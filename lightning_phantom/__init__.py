@@ -6,11 +6,13 @@
 from lightning_phantom.comm import copy_to_phantom, gather_ghosts, reduce_from_phantom
 from lightning_phantom.energy import EnergyMonitor
 from lightning_phantom.convert import gather_shards, merge_shards, to_dense, to_phantom
+from lightning_phantom.strategy import PhantomStrategy
 from lightning_phantom.layers import (
     ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, set_group, sharded_parameters,
 )
 
 __all__ = [
+    "PhantomStrategy",
     "EnergyMonitor",
     "ColumnParallelLinear", "PhantomFFN", "PhantomLinear", "RowParallelLinear", "set_group", "sharded_parameters",
     "copy_to_phantom", "gather_ghosts", "reduce_from_phantom",

@@ -45,6 +45,11 @@ class GroupInfo:
     def __deepcopy__(self, memo) -> "GroupInfo":
         return self  # immutable, and a ProcessGroup cannot be copied: copies share it
 
+    def __reduce__(self):
+        # A ProcessGroup cannot be pickled: a saved module keeps (rank, size) and uses the
+        # default group when loaded (lightning_phantom.set_group attaches another).
+        return GroupInfo, (None, self.rank, self.size)
+
     @classmethod
     def of(cls, group: Optional[ProcessGroup] = None) -> "GroupInfo":
         if not (dist.is_available() and dist.is_initialized()):

@@ -106,13 +106,6 @@ class _Shard(nn.Module):
                 f"module.to({x.dtype})), or run under torch.autocast."
             )
 
-    def __getstate__(self):
-        # A ProcessGroup cannot be pickled: a saved module keeps (rank, size) and falls back
-        # to the default group when loaded.
-        state = self.__dict__.copy()
-        state["shard"] = GroupInfo(None, self.shard.rank, self.shard.size)
-        return state
-
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.shard.rank}/{self.shard.size}"
 
