@@ -1,0 +1,373 @@
+"""The analytic cost of one training step, per rank: phantom (PP) against tensor parallelism (TP).
+
+``phantom_cost`` and ``tp_cost`` describe an FFN ``sizes = [d_in, n_1, ..., n_{L-1}, d_out]``
+(L Linear layers) on a group of p ranks, with ``rows`` input rows (batch × tokens) of
+``element_size``-byte elements, layer by layer: parameters held, multiply-adds (MACs)
+forward and backward, the collectives issued and the bytes this rank sends for them.
+
+Sent bytes use the ring convention of ``lightning_phantom.counting`` (all_gather:
+(p-1)·input bytes; reduce_scatter: (p-1)/p·input bytes; all_reduce: 2(p-1)/p·bytes),
+so ``CommCounter`` totals and these predictions are compared exactly, as Fractions.
+The formulas are spelled out here rather than borrowed from ``counting`` so that the
+comparison checks one against the other.
+
+FLOPs are 2·MACs, which is what ``torch.utils.flop_counter.FlopCounterMode`` counts for
+mm/addmm. Bias additions (rows·n_out per layer) are in neither: FlopCounterMode does
+not count them and the table of PHANTOM.md leaves them out.
+
+What DTensor actually issues for ``parallelize_ffn`` (lightning_phantom.tensor_parallel),
+counted with ``CommCounter`` on gloo (p = 1, 2, 4; directly and inside Lightning's
+``ModelParallelStrategy``; tests/test_tensor_parallel.py), is exactly Megatron's
+column/row pairing, call for call and byte for byte:
+
+* ColwiseParallel: input Replicate, no forward collective; backward one all_reduce of
+  the input gradient (rows·n_in, the adjoint of ``DTensor.from_local(Replicate)``),
+  which autograd never runs when the input needs no grad: for the first layer of an
+  FFN fed by data, TP's step has one all-reduce fewer than "one per layer".
+* RowwiseParallel: forward one all_reduce of rows·n_out (Partial -> Replicate); the
+  replicated bias costs no collective (outputs match the dense layer to round-off);
+  backward none (the Replicate -> Partial adjoint is local).
+* DTensor's functional collectives return new tensors instead of reducing in place as
+  Megatron does: more memory traffic, the same bytes on the wire.
+* Odd number of layers: the last ColwiseParallel(output_layouts=Replicate()) issues one
+  all_gather_into_tensor of this rank's rows·n_out/p outputs (gathered along dim 0 and
+  re-laid out locally); its backward (Replicate -> Shard) is a local slice, no collective.
+* Plain ``FlopCounterMode`` counts DTensor matmuls at their logical (global) shape,
+  p times each rank's; ``counting.LocalFlopCounterMode`` counts each rank's own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Optional, Sequence, Union
+
+Collectives = tuple[tuple[str, int], ...]  # (collective kind, payload elements) per call
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One Linear layer's cost on one rank for one step (forward + backward).
+
+    ``kind``: PP "column" | "phantom" | "row"; TP "colwise" | "rowwise" | "colwise_gather".
+    Payload elements follow ``counting``: all_gather counts this rank's input,
+    reduce_scatter the full (p-shard) input, all_reduce the tensor.
+    """
+
+    kind: str
+    n_in: int
+    n_out: int
+    ghosts: int  # 0 for layers without ghosts
+    params: int
+    macs_fwd: int
+    macs_bwd: int
+    sent_bytes_fwd: Fraction
+    sent_bytes_bwd: Fraction
+    collectives_fwd: Collectives
+    collectives_bwd: Collectives
+
+    @property
+    def macs(self) -> int:
+        return self.macs_fwd + self.macs_bwd
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    @property
+    def sent_bytes(self) -> Fraction:
+        return self.sent_bytes_fwd + self.sent_bytes_bwd
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Per-rank totals of one forward + backward, with the layers in ``per_layer``."""
+
+    scheme: str  # "phantom" or "tensor"
+    sizes: tuple[int, ...]
+    group_size: int
+    rows: int
+    element_size: int
+    input_requires_grad: bool
+    per_layer: tuple[LayerCost, ...]
+    params: int
+    macs_fwd: int
+    macs_bwd: int
+    sent_bytes_fwd: Fraction
+    sent_bytes_bwd: Fraction
+    collectives: tuple[tuple[str, int], ...]  # (kind, number of calls), sorted by kind
+
+    @classmethod
+    def from_layers(cls, scheme: str, sizes, p: int, rows: int, element_size: int, input_requires_grad: bool,
+                    layers: Sequence[LayerCost]) -> "StepCost":
+        calls = Counter(op for layer in layers for op, _ in layer.collectives_fwd + layer.collectives_bwd)
+        return cls(
+            scheme=scheme, sizes=tuple(sizes), group_size=p, rows=rows, element_size=element_size,
+            input_requires_grad=input_requires_grad, per_layer=tuple(layers),
+            params=sum(layer.params for layer in layers),
+            macs_fwd=sum(layer.macs_fwd for layer in layers),
+            macs_bwd=sum(layer.macs_bwd for layer in layers),
+            sent_bytes_fwd=sum((layer.sent_bytes_fwd for layer in layers), Fraction(0)),
+            sent_bytes_bwd=sum((layer.sent_bytes_bwd for layer in layers), Fraction(0)),
+            collectives=tuple(sorted(calls.items())),
+        )
+
+    @property
+    def macs(self) -> int:
+        return self.macs_fwd + self.macs_bwd
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    @property
+    def sent_bytes(self) -> Fraction:
+        return self.sent_bytes_fwd + self.sent_bytes_bwd
+
+    @property
+    def calls(self) -> Counter:
+        """Number of collectives by kind, comparable with ``CommCounter.calls``."""
+        return Counter(dict(self.collectives))
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_sizes(sizes, p: int, divisible: Sequence[int], why: str) -> list[int]:
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must list at least [d_in, d_out] (one Linear layer), got {sizes}")
+    for i, n in enumerate(sizes):
+        _check_int(f"sizes[{i}]", n, 1)
+    for i in divisible:
+        if sizes[i] % p:
+            raise ValueError(
+                f"sizes[{i}] = {sizes[i]} is not divisible by p = {p} ({sizes[i]} % {p} = {sizes[i] % p}); "
+                f"{why}. Use a multiple of {p} or another group size."
+            )
+    return sizes
+
+
+def _ghosts(ghosts: Union[int, Sequence[int]], sizes: list[int], p: int) -> list[int]:
+    hidden = len(sizes) - 3  # phantom layers are the L-2 layers between first and last
+    if isinstance(ghosts, int) and not isinstance(ghosts, bool):
+        per_layer = [ghosts] * hidden
+    elif isinstance(ghosts, (list, tuple)):
+        per_layer = list(ghosts)
+    else:
+        raise ValueError(f"ghosts must be an int or a list with one int per phantom layer, got {ghosts!r}")
+    if len(per_layer) != hidden:
+        raise ValueError(
+            f"ghosts has {len(per_layer)} entries but sizes={sizes} has {hidden} hidden phantom layers "
+            f"({len(sizes) - 1} Linear layers minus first and last); give one int or one value per "
+            "phantom layer"
+        )
+    for layer, k in enumerate(per_layer, start=1):
+        a = sizes[layer] // p
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= a:
+            raise ValueError(
+                f"ghosts for phantom layer {layer} must be an integer with 1 <= ghosts <= n_in/p = "
+                f"{sizes[layer]}/{p} = {a}, got {k!r}"
+            )
+    return per_layer
+
+
+def _all_reduce_bytes(p: int, numel: int, e: int) -> Fraction:
+    return Fraction(2 * (p - 1) * numel * e, p)
+
+
+def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]], rows: int,
+                 element_size: int = 4, *, input_requires_grad: bool = False) -> StepCost:
+    """Per-rank cost of one step of ``PhantomFFN(sizes, ghosts)`` on a phantom group of ``p``.
+
+    With p = 1 every layer is a plain Linear (``PhantomLinear`` has no compressor then)
+    and nothing is communicated; with L = 2 Linear layers there is no phantom layer and
+    the model is a Megatron column/row pair.
+    """
+    p = _check_int("p", p, 1)
+    rows = _check_int("rows", rows, 1)
+    e = _check_int("element_size", element_size, 1)
+    sizes = list(sizes)
+    sizes = _check_sizes(sizes, p, range(1, len(sizes) - 1),
+                         "every hidden width is split into n/p neurons per rank")
+    if len(sizes) < 3:
+        raise ValueError("a phantom FFN needs at least 2 Linear layers (column-parallel first, row-parallel "
+                         f"last), got sizes={sizes}")
+    per_layer_ghosts = _ghosts(ghosts, sizes, p)
+    comm = p > 1  # a group of one bypasses every collective (comm.py)
+    layers = []
+
+    # First layer (PHANTOM.md l.71-75, column-parallel): c outputs from the whole input;
+    # the input gradient is an all-reduce of the ranks' partial gradients.
+    d_in, c = sizes[0], sizes[1] // p
+    fwd = rows * c * d_in
+    grad_in = comm and input_requires_grad
+    layers.append(LayerCost(
+        "column", d_in, sizes[1], 0, params=c * d_in + c, macs_fwd=fwd,
+        macs_bwd=fwd * (2 if input_requires_grad else 1),
+        sent_bytes_fwd=Fraction(0),
+        sent_bytes_bwd=_all_reduce_bytes(p, rows * d_in, e) if grad_in else Fraction(0),
+        collectives_fwd=(), collectives_bwd=(("all_reduce", rows * d_in),) if grad_in else (),
+    ))
+
+    # Hidden phantom layers (PHANTOM.md l.32-65).
+    for layer, k in enumerate(per_layer_ghosts, start=1):
+        n_in, n_out = sizes[layer], sizes[layer + 1]
+        a, c = n_in // p, n_out // p
+        if not comm:
+            layers.append(LayerCost("phantom", n_in, n_out, k, c * a + c, rows * c * a, 2 * rows * c * a,
+                                    Fraction(0), Fraction(0), (), ()))
+            continue
+        # Parameters (l.36-39): L_i (c×a) + b_i (c) + C_i (k×a) + D_ij for j≠i ((p-1) × c×k).
+        params = c * a + c + k * a + c * (p - 1) * k
+        # Forward 1, 3, 4 (l.47, 50, 51): ghosts X_i C_iᵀ (k·a), local block (c·a) and the
+        # p-1 decompressions G_j D_ijᵀ (k·c) per row.
+        fwd = rows * (c * a + k * a + (p - 1) * k * c)
+        # Forward 2 (l.48): all_gather of B×k ghosts; Backward 2 (l.58): reduce_scatter of
+        # the p×B×k buffer. Each sends (p-1)·B·k values, 2·(p-1)·k per row in all (l.109).
+        sent = Fraction((p - 1) * rows * k * e)
+        layers.append(LayerCost(
+            "phantom", n_in, n_out, k, params=params, macs_fwd=fwd, macs_bwd=2 * fwd,  # l.113
+            sent_bytes_fwd=sent, sent_bytes_bwd=sent,
+            collectives_fwd=(("all_gather", rows * k),), collectives_bwd=(("reduce_scatter", p * rows * k),),
+        ))
+
+    # Last layer (l.76-78, row-parallel): Y = all_reduce(Σ_i X_i W_out,iᵀ) + b_out with b_out
+    # replicated; backward is the identity, so no collective.
+    a, d_out = sizes[-2] // p, sizes[-1]
+    fwd = rows * d_out * a
+    layers.append(LayerCost(
+        "row", sizes[-2], d_out, 0, params=d_out * a + d_out, macs_fwd=fwd, macs_bwd=2 * fwd,
+        sent_bytes_fwd=_all_reduce_bytes(p, rows * d_out, e) if comm else Fraction(0),
+        sent_bytes_bwd=Fraction(0),
+        collectives_fwd=(("all_reduce", rows * d_out),) if comm else (), collectives_bwd=(),
+    ))
+    return StepCost.from_layers("phantom", sizes, p, rows, e, input_requires_grad, layers)
+
+
+def tp_cost(sizes: Sequence[int], p: int, rows: int, element_size: int = 4, *,
+            input_requires_grad: bool = False) -> StepCost:
+    """Per-rank cost of one step of ``parallelize_ffn`` (DTensor Colwise/Rowwise) on ``p`` ranks.
+
+    Layers alternate ColwiseParallel / RowwiseParallel starting with Colwise; with an odd
+    number of layers the last is Colwise with its output gathered to Replicate. See the
+    module docstring for how this was checked against DTensor.
+    """
+    p = _check_int("p", p, 1)
+    rows = _check_int("rows", rows, 1)
+    e = _check_int("element_size", element_size, 1)
+    sizes = list(sizes)
+    n_layers = len(sizes) - 1
+    # Colwise layers shard their outputs, Rowwise their inputs: every hidden width is
+    # split, and d_out too when the last layer is a gathering Colwise.
+    divisible = list(range(1, n_layers)) + ([n_layers] if n_layers % 2 else [])
+    sizes = _check_sizes(sizes, p, divisible, "tensor parallelism shards it into n/p per rank")
+    comm = p > 1  # DTensor on a mesh of one issues no collective (checked in tests)
+    layers = []
+    for i in range(n_layers):
+        n_in, n_out = sizes[i], sizes[i + 1]
+        if i % 2 == 0:  # ColwiseParallel: rank holds n_out/p rows of W and of the bias.
+            fwd = rows * (n_out // p) * n_in
+            grad_in = i > 0 or input_requires_grad
+            bwd_ar = comm and grad_in
+            gather = i == n_layers - 1  # odd count: output_layouts=Replicate()
+            layers.append(LayerCost(
+                "colwise_gather" if gather else "colwise", n_in, n_out, 0,
+                params=(n_out // p) * n_in + n_out // p, macs_fwd=fwd, macs_bwd=fwd * (2 if grad_in else 1),
+                sent_bytes_fwd=Fraction((p - 1) * rows * (n_out // p) * e if gather and comm else 0),
+                sent_bytes_bwd=_all_reduce_bytes(p, rows * n_in, e) if bwd_ar else Fraction(0),
+                collectives_fwd=(("all_gather", rows * (n_out // p)),) if gather and comm else (),
+                collectives_bwd=(("all_reduce", rows * n_in),) if bwd_ar else (),
+            ))
+        else:  # RowwiseParallel: rank holds n_in/p columns of W; bias replicated.
+            fwd = rows * n_out * (n_in // p)
+            layers.append(LayerCost(
+                "rowwise", n_in, n_out, 0, params=n_out * (n_in // p) + n_out, macs_fwd=fwd, macs_bwd=2 * fwd,
+                sent_bytes_fwd=_all_reduce_bytes(p, rows * n_out, e) if comm else Fraction(0),
+                sent_bytes_bwd=Fraction(0),
+                collectives_fwd=(("all_reduce", rows * n_out),) if comm else (), collectives_bwd=(),
+            ))
+    return StepCost.from_layers("tensor", sizes, p, rows, e, input_requires_grad, layers)
+
+
+def _ratio(num, den) -> Optional[Fraction]:
+    return Fraction(num) / Fraction(den) if den else None
+
+
+@dataclass(frozen=True)
+class LayerRatio:
+    """PP/TP ratios of one layer; None where TP's figure is 0 (e.g. TP's first layer sends nothing)."""
+
+    communication: Optional[Fraction]
+    arithmetic: Optional[Fraction]
+    params: Optional[Fraction]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Phantom against tensor parallelism for the same FFN, p, rows and element size.
+
+    Ratios are PP/TP, exact, and None where TP's figure is 0 (e.g. p = 1 communication).
+    ``per_layer[l]`` compares layer l; for a hidden layer with n_in = n_out = n it is
+    PHANTOM.md's table: communication p·k/n, arithmetic 1/p + p·k/n.
+    """
+
+    phantom: StepCost
+    tensor: StepCost
+
+    @property
+    def communication(self) -> Optional[Fraction]:
+        return _ratio(self.phantom.sent_bytes, self.tensor.sent_bytes)
+
+    @property
+    def arithmetic(self) -> Optional[Fraction]:
+        return _ratio(self.phantom.macs, self.tensor.macs)
+
+    @property
+    def params(self) -> Optional[Fraction]:
+        return _ratio(self.phantom.params, self.tensor.params)
+
+    @property
+    def per_layer(self) -> tuple[LayerRatio, ...]:
+        return tuple(
+            LayerRatio(_ratio(pp.sent_bytes, tp.sent_bytes), _ratio(pp.macs, tp.macs),
+                       _ratio(pp.params, tp.params))
+            for pp, tp in zip(self.phantom.per_layer, self.tensor.per_layer)
+        )
+
+    def describe(self) -> str:
+        """One line for logs."""
+        pp, tp = self.phantom, self.tensor
+
+        def ratio(r: Optional[Fraction]) -> str:
+            return "n/a" if r is None else f"{float(r):.3g}x"
+
+        ghosts = sorted({layer.ghosts for layer in pp.per_layer if layer.kind == "phantom"})
+        return (
+            f"p={pp.group_size} ghosts={','.join(map(str, ghosts)) or '-'} rows={pp.rows}: "
+            f"params/rank PP {pp.params:,} vs TP {tp.params:,} ({ratio(self.params)}); "
+            f"sent/rank/step PP {_human_bytes(pp.sent_bytes)} vs TP {_human_bytes(tp.sent_bytes)} "
+            f"({ratio(self.communication)}); MACs/rank/step PP/TP {ratio(self.arithmetic)}"
+        )
+
+
+def _human_bytes(n: Fraction) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.4g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def compare(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]], rows: int, element_size: int = 4,
+            *, input_requires_grad: bool = False) -> Comparison:
+    """PP/TP comparison of the same FFN; see ``Comparison``."""
+    return Comparison(
+        phantom_cost(sizes, p, ghosts, rows, element_size, input_requires_grad=input_requires_grad),
+        tp_cost(sizes, p, rows, element_size, input_requires_grad=input_requires_grad),
+    )

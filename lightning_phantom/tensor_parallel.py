@@ -1,0 +1,99 @@
+"""The tensor-parallel (TP) baseline: Megatron-style sharding of an FFN with DTensor.
+
+This is what a user of Lightning's own ``ModelParallelStrategy`` writes in
+``configure_model``::
+
+    def configure_model(self):
+        parallelize_ffn(self.ffn, self.device_mesh["tensor_parallel"])
+
+Linear layers alternate ``ColwiseParallel`` / ``RowwiseParallel``, starting with
+Colwise, so each Colwise/Rowwise pair costs one all-reduce forward and one backward
+(``lightning_phantom.cost.tp_cost`` has the exact accounting, checked against what
+DTensor issues). With an odd number of Linear layers the last one is
+``ColwiseParallel(output_layouts=Replicate())``, which all-gathers its output: either
+way every rank ends with the full output, as with ``PhantomFFN``, so the two are
+compared on the same model, data and loss code.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightning_phantom.layers import ELEMENTWISE
+
+
+def _linear_indices(module: nn.Sequential) -> list[int]:
+    """Positions of the Linear layers, after checking the Sequential is an FFN TP can shard."""
+    if not isinstance(module, nn.Sequential):
+        raise TypeError(
+            f"parallelize_ffn expects an nn.Sequential of nn.Linear and element-wise modules, got "
+            f"{type(module).__name__}; apply it to the FFN inside your model "
+            "(e.g. parallelize_ffn(model.ffn, mesh))."
+        )
+    linears, width = [], None
+    for i, layer in enumerate(module):
+        if isinstance(layer, nn.Linear):  # the types ColwiseParallel/RowwiseParallel accept
+            if width is not None and layer.in_features != width:
+                raise ValueError(
+                    f"layer {i} (Linear {layer.in_features} -> {layer.out_features}) does not take the "
+                    f"{width} outputs of the previous Linear; the Sequential is not a chain of widths."
+                )
+            width = layer.out_features
+            linears.append(i)
+        elif not isinstance(layer, ELEMENTWISE):
+            # Anything else (a norm, an attention block) mixes neurons that TP keeps on
+            # different ranks, so the alternating plan would compute something else.
+            raise TypeError(
+                f"layer {i} is {type(layer).__name__}; an FFN for parallelize_ffn may contain only nn.Linear "
+                f"and element-wise modules ({', '.join(t.__name__ for t in ELEMENTWISE)}). Parallelize other "
+                "modules with your own parallelize_module plan."
+            )
+    if not linears:
+        raise ValueError("parallelize_ffn found no nn.Linear in the Sequential; nothing to shard.")
+    return linears
+
+
+def parallelize_ffn(module: nn.Sequential, tp_mesh) -> nn.Sequential:
+    """Shard an FFN over a 1-D tensor-parallel ``DeviceMesh``, in place; returns ``module``.
+
+    The input is expected replicated on the mesh (as a data-parallel batch is within a
+    TP group) and the output is the full, replicated tensor on every rank. Widths that a
+    layer shards (Colwise: out_features; Rowwise: in_features) must be divisible by the
+    mesh size.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if not isinstance(tp_mesh, DeviceMesh):
+        raise TypeError(f"tp_mesh must be a torch.distributed DeviceMesh, got {type(tp_mesh).__name__}")
+    if tp_mesh.ndim != 1:
+        raise ValueError(
+            f"tp_mesh must be 1-D, got a {tp_mesh.ndim}-D mesh with dimensions {tp_mesh.mesh_dim_names}; "
+            "pass the tensor-parallel dimension, e.g. self.device_mesh['tensor_parallel'] in configure_model."
+        )
+    p = tp_mesh.size()
+    linears = _linear_indices(module)
+    plan = {}
+    for j, i in enumerate(linears):
+        layer = module[i]
+        colwise = j % 2 == 0
+        last = j == len(linears) - 1
+        # Colwise shards out_features, Rowwise in_features; the gathering Colwise at the
+        # end of an odd chain needs even shards for its all_gather_into_tensor.
+        if colwise:
+            sharded, name = layer.out_features, "out_features"
+        else:
+            sharded, name = layer.in_features, "in_features"
+        if sharded % p:
+            raise ValueError(
+                f"layer {i} (Linear {layer.in_features} -> {layer.out_features}, "
+                f"{'ColwiseParallel' if colwise else 'RowwiseParallel'}) has {name} = {sharded}, "
+                f"not divisible by the tensor-parallel size {p} ({sharded} % {p} = {sharded % p}). Use "
+                f"widths that are multiples of {p}."
+            )
+        if colwise:
+            plan[str(i)] = ColwiseParallel(output_layouts=Replicate()) if last else ColwiseParallel()
+        else:
+            plan[str(i)] = RowwiseParallel()
+    return parallelize_module(module, tp_mesh, plan)
