@@ -46,8 +46,29 @@ from typing import Optional, Sequence, Union
 Collectives = tuple[tuple[str, int], ...]  # (collective kind, payload elements) per call
 
 
+class _ForwardBackward:
+    """Totals over forward and backward, for a layer or a whole step."""
+
+    macs_fwd: int
+    macs_bwd: int
+    sent_bytes_fwd: Fraction
+    sent_bytes_bwd: Fraction
+
+    @property
+    def macs(self) -> int:
+        return self.macs_fwd + self.macs_bwd
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    @property
+    def sent_bytes(self) -> Fraction:
+        return self.sent_bytes_fwd + self.sent_bytes_bwd
+
+
 @dataclass(frozen=True)
-class LayerCost:
+class LayerCost(_ForwardBackward):
     """One Linear layer's cost on one rank for one step (forward + backward).
 
     ``kind``: PP "column" | "phantom" | "row"; TP "colwise" | "rowwise" | "colwise_gather".
@@ -67,21 +88,9 @@ class LayerCost:
     collectives_fwd: Collectives
     collectives_bwd: Collectives
 
-    @property
-    def macs(self) -> int:
-        return self.macs_fwd + self.macs_bwd
-
-    @property
-    def flops(self) -> int:
-        return 2 * self.macs
-
-    @property
-    def sent_bytes(self) -> Fraction:
-        return self.sent_bytes_fwd + self.sent_bytes_bwd
-
 
 @dataclass(frozen=True)
-class StepCost:
+class StepCost(_ForwardBackward):
     """Per-rank totals of one forward + backward, with the layers in ``per_layer``."""
 
     scheme: str  # "phantom" or "tensor"
@@ -112,18 +121,6 @@ class StepCost:
             sent_bytes_bwd=sum((layer.sent_bytes_bwd for layer in layers), Fraction(0)),
             collectives=tuple(sorted(calls.items())),
         )
-
-    @property
-    def macs(self) -> int:
-        return self.macs_fwd + self.macs_bwd
-
-    @property
-    def flops(self) -> int:
-        return 2 * self.macs
-
-    @property
-    def sent_bytes(self) -> Fraction:
-        return self.sent_bytes_fwd + self.sent_bytes_bwd
 
     @property
     def calls(self) -> Counter:
