@@ -18,12 +18,18 @@ batch; the groups are data-parallel replicas of each other.
   carries its phantom rank (``model::net.2.compress|phantom1/2``): shards never collide, and
   the data-parallel replicas of a shard, identical under one key, are written once. What is
   not a tensor goes to ``meta.pt``, read with ``weights_only=True``; DCP's own ``.metadata``
-  is read with an unpickler that admits only DCP's classes.
+  is read with an unpickler that admits only DCP's classes. A checkpoint is written into a
+  hidden sibling directory and swapped in whole once complete (``checkpoints.publish``), so a
+  crash while saving leaves the previous one loadable.
+* Failures: ``NonFiniteGuard`` (on unless ``detect_non_finite=False``) stops every rank at a NaN/Inf
+  loss or gradient before the step; a dead or hung peer ends the job after ``timeout`` with a
+  message saying so (``on_exception``).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -62,13 +68,16 @@ from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
+from lightning_phantom.checkpoints import discard, previous_path, publish, save_durably, staging_path
 from lightning_phantom.convert import ffn_linears, to_phantom
+from lightning_phantom.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.layers import PhantomFFN, set_group, sharded_parameters
 from lightning_phantom.layout import PhantomLayout, Size, check_size
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+_log = logging.getLogger(__name__)
 Ghosts = Union[Literal["auto", "full"], int, Sequence[int], Mapping[str, Any]]
 AUTO_GHOSTS = 32
 _BUCKET_NUMEL = 1 << 25  # elements per flat buffer when coalescing collectives (128 MiB in fp32)
@@ -91,7 +100,11 @@ class PhantomStrategy(ParallelStrategy):
         overlap: overlap the ghost all-gather with the local block's matmul.
         timeout: process-group timeout (a ``timedelta`` or seconds): of the default group when the
             strategy creates it, and always of the data-parallel and phantom groups, so a dead
-            peer ends the job instead of hanging it.
+            peer ends the job instead of hanging it. A peer that hangs (rather than dies) is noticed
+            after up to twice this: Lightning's per-step SIGTERM broadcast swallows the first timeout.
+        detect_non_finite: add a ``NonFiniteGuard`` when fitting (unless one is in the callbacks):
+            every rank stops with a ``NonFiniteError`` naming the step, ranks and tensors as soon as a
+            loss or gradient is NaN/Inf, before the optimizer step and any later checkpoint.
         process_group_backend: ``"nccl"``, ``"gloo"``, …; by default the device's.
     """
 
@@ -105,6 +118,7 @@ class PhantomStrategy(ParallelStrategy):
         init: str = "svd",
         overlap: bool = True,
         timeout: Optional[Union[timedelta, float]] = default_pg_timeout,
+        detect_non_finite: bool = True,
         process_group_backend: Optional[str] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -118,6 +132,7 @@ class PhantomStrategy(ParallelStrategy):
             raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
         self._init, self._overlap = init, bool(overlap)
         self._timeout = _check_timeout(timeout)
+        self._detect_non_finite = bool(detect_non_finite)
         if process_group_backend is not None and not isinstance(process_group_backend, str):
             raise ValueError(f"process_group_backend must be a name such as 'nccl' or 'gloo', got "
                              f"{process_group_backend!r}")
@@ -249,6 +264,8 @@ class PhantomStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
+            if self._detect_non_finite and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
+                trainer.callbacks.append(NonFiniteGuard())
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -425,6 +442,22 @@ class PhantomStrategy(ParallelStrategy):
     def _default_group(self, group):
         return group if group is not None or self._device_mesh is None else self.data_parallel_group
 
+    def on_exception(self, exception: BaseException) -> None:
+        """Say in words when a collective failed because another rank died or stopped answering."""
+        if not is_peer_failure(exception):
+            return
+        trainer = getattr(self._lightning_module, "_trainer", None)
+        step = f" at global step {trainer.global_step}" if trainer is not None else ""
+        timeout = f"{self._timeout.total_seconds():g} s" if self._timeout is not None else "torch's default"
+        first_line = (str(exception).strip().splitlines() or [""])[0]
+        _log.error(
+            f"PhantomStrategy: rank {self.global_rank} of {self.world_size} stopped{step}: a collective with "
+            f"the other ranks failed ({type(exception).__name__}: {first_line}). Another rank died or stopped "
+            f"answering (collective timeout {timeout}). Training since the last checkpoint is lost: restart "
+            "with ckpt_path='last' on the same number of ranks, or on fewer after "
+            "lightning_phantom.reshard_checkpoint()."
+        )
+
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
         self.cluster_environment.teardown()
@@ -459,10 +492,13 @@ class PhantomStrategy(ParallelStrategy):
                             "supported: the strategy writes with torch.distributed.checkpoint, not a "
                             "CheckpointIO.")
         path = Path(self.broadcast(filepath))
-        if self.is_global_zero and path.is_file():
-            path.unlink()
+        # Written beside its name and swapped in once every rank is done: a crash before that
+        # leaves the checkpoint already at `path` (say last.ckpt) whole.
+        staging = staging_path(path)
+        if self.is_global_zero:
+            discard(staging)  # what an interrupted save left
         self.barrier()
-        path.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True, exist_ok=True)
         tensors, model_extra, optimizer_extra = _split_tensors(checkpoint.pop("state_dict"),
                                                                checkpoint.pop("optimizer_states", []))
         if self.layout.phantom > 1:
@@ -473,16 +509,24 @@ class PhantomStrategy(ParallelStrategy):
                 model_extra.update(other_model)
                 for mine, other in zip(optimizer_extra, other_optimizers):
                     mine["state"].update(other["state"])
-        dcp.save(tensors, checkpoint_id=path)
+        dcp.save(tensors, checkpoint_id=staging)
         if self.is_global_zero:
             checkpoint["phantom"] = {"format": 1, "data_parallel": self.layout.data,
                                      "phantom_parallel": self.layout.phantom, "model_extra": model_extra,
                                      "optimizer_extra": optimizer_extra}
-            torch.save(checkpoint, path / _METADATA_FILENAME)
+            save_durably(checkpoint, staging / _METADATA_FILENAME)
+        self.barrier()
+        if self.is_global_zero:
+            publish(staging, path)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path) and _is_sharded_checkpoint(previous_path(path)):
+            # A save was cut between moving the old checkpoint aside and the new one in.
+            rank_zero_info(f"{str(path)!r} is missing after an interrupted save; loading the previous version "
+                           f"kept at {str(previous_path(path))!r}.")
+            path = previous_path(path)
         if not _is_sharded_checkpoint(path):
             raise ValueError(f"{str(path)!r} is not a PhantomStrategy checkpoint: expected a directory with "
                              f"{_METADATA_FILENAME} and torch.distributed.checkpoint shards.")

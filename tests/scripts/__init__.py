@@ -1,0 +1,1 @@
+"""Programs the failure tests run as real processes (``python -m``-free: run by path)."""
