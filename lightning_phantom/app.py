@@ -1,0 +1,325 @@
+"""The command-line app: one training run from ``conf/`` (``python -m lightning_phantom``).
+
+    python -m lightning_phantom strategy=tp model.width=4096 trainer.devices=2
+    lightning-phantom strategy=phantom strategy.ghosts=16 data=digits energy=estimate
+
+The configuration is checked (``check_config``) before the Trainer exists, so a bad one fails
+with a message before any process is started. Then every object is built with
+``hydra.utils.instantiate`` and ``Trainer.fit`` runs; with ``trainer.devices > 1`` Lightning's
+subprocess launcher re-runs this app in each further process, and its Hydra handling gives
+them the parent's run directory. Rank 0 writes ``result.json`` there (what
+``lightning_phantom.compare.RunRecorder`` measured), which ``python -m lightning_phantom.compare``
+reads.
+
+Under a Hydra multirun (``-m``) a job on several devices runs as a plain run in a subprocess:
+Lightning's launcher would otherwise re-run the whole sweep in its children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+RESULT_FILE = "result.json"
+STRATEGIES = {  # _target_ (class or factory) → the name the app and the tables use
+    "lightning_phantom.strategy.PhantomStrategy": "phantom",
+    "lightning_phantom.PhantomStrategy": "phantom",
+    "lightning.pytorch.strategies.ModelParallelStrategy": "tp",
+    "lightning.pytorch.strategies.model_parallel.ModelParallelStrategy": "tp",
+    "lightning.pytorch.strategies.DDPStrategy": "ddp",
+    "lightning.pytorch.strategies.ddp.DDPStrategy": "ddp",
+    "lightning_phantom.app.single_device_strategy": "single",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration the app cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a checked configuration will run: the strategy and the layout of its ranks."""
+
+    strategy: str  # phantom | tp | ddp | single
+    world_size: int
+    group_size: int  # ranks sharing one copy of the model (phantom or tensor-parallel group)
+    data_parallel: int  # copies of the model
+    sizes: list[int]  # the FFN, [d_in, n, ..., n, d_out]
+    ghosts: Optional[list[int]]  # per phantom layer (phantom only)
+
+
+def single_device_strategy(accelerator: str = "cpu"):
+    """``SingleDeviceStrategy`` on the first device of ``accelerator`` (``strategy=single``)."""
+    import torch
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return SingleDeviceStrategy(device=torch.device("cuda", 0))
+    if accelerator not in ("cpu", "auto"):
+        raise ConfigError(f"strategy=single supports trainer.accelerator cpu, gpu or auto, got "
+                          f"{accelerator!r}")
+    return SingleDeviceStrategy(device=torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- checking
+def strategy_kind(strategy_cfg: Any) -> str:
+    """phantom | tp | ddp | single, from the strategy config's ``_target_``."""
+    target = strategy_cfg.get("_target_") if isinstance(strategy_cfg, (dict, DictConfig)) else None
+    if target not in STRATEGIES:
+        raise ConfigError(f"strategy._target_={target!r} is not a strategy this app knows; choose "
+                          "strategy=phantom, tp, ddp or single (conf/strategy/*.yaml)")
+    return STRATEGIES[target]
+
+
+def _int(name: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _devices(trainer_cfg: Any) -> int:
+    """Processes per node that ``Trainer(accelerator=..., devices=...)`` will start."""
+    import torch
+
+    devices, accelerator = trainer_cfg.get("devices", "auto"), trainer_cfg.get("accelerator", "auto")
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if gpu and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but torch {torch.__version__} sees no CUDA "
+                          "GPU; use trainer=cpu")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:  # "0,1": those GPUs
+        return len([d for d in devices.split(",") if d.strip()])
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    if devices in ("auto", -1):  # Lightning: every GPU; on CPU "auto" is 1 process, -1 one per core
+        return torch.cuda.device_count() if gpu else 1 if devices == "auto" else os.cpu_count() or 1
+    return _int("trainer.devices", devices)
+
+
+def _ghosts(spec: Any, width: int, depth: int, p: int) -> list[int]:
+    """Ghosts per phantom layer, as ``PhantomStrategy`` resolves ``ghosts`` for the module's ``net``."""
+    from lightning_phantom.strategy import AUTO_GHOSTS
+
+    if isinstance(spec, (dict, DictConfig)):
+        spec = spec.get("net", "auto")
+    if spec == "auto":
+        return [min(AUTO_GHOSTS, width // p)] * depth
+    if spec == "full":
+        return [width // p] * depth
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return [spec] * depth
+    if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
+        return list(spec)
+    raise ConfigError("strategy.ghosts must be 'auto', 'full', a positive integer or a list of them (one "
+                      f"per phantom layer), got {spec!r}")
+
+
+def _check_phantom(s: DictConfig, world: int, width: int, depth: int, sizes: list[int]):
+    from lightning_phantom.cost import phantom_cost
+    from lightning_phantom.layout import PhantomLayout
+
+    try:
+        layout = PhantomLayout.resolve(s.get("data_parallel_size", "auto"),
+                                       s.get("phantom_parallel_size", "auto"), world)
+    except ValueError as e:
+        raise ConfigError(f"strategy=phantom on trainer.devices × trainer.num_nodes = {world} ranks: "
+                          f"{e}") from None
+    p = layout.phantom
+    if depth < 1:
+        raise ConfigError("strategy=phantom needs at least one hidden width -> width layer to make phantom; "
+                          f"got model.depth={depth}. Use model.depth >= 1")
+    if width % p:
+        raise ConfigError(f"model.width={width} is not divisible by the phantom group size {p} "
+                          f"({width} % {p} = {width % p}); every rank holds width/p neurons. Use a multiple "
+                          f"of {p}")
+    ghosts = _ghosts(s.get("ghosts", "auto"), width, depth, p)
+    given = OmegaConf.to_container(s).get("ghosts")
+    if any(isinstance(k, int) and k > width // p for k in ghosts):
+        raise ConfigError(f"strategy.ghosts={given!r} is too large for model.width={width} on phantom groups "
+                          f"of {p} ranks: a rank holds width/p = {width}/{p} = {width // p} neurons and can "
+                          f"have at most that many ghosts. Use strategy.ghosts <= {width // p}, or a larger "
+                          "model.width")
+    try:
+        phantom_cost(sizes, p, ghosts, rows=1)
+    except ValueError as e:
+        raise ConfigError(f"strategy.ghosts={given!r} does not fit the model: {e}") from None
+    return p, layout.data, ghosts
+
+
+def _check_tp(s: DictConfig, world: int, nodes: int, sizes: list[int]) -> tuple[int, int]:
+    from lightning_phantom.cost import tp_cost
+
+    data = s.get("data_parallel_size", "auto")
+    data = nodes if data == "auto" else _int("strategy.data_parallel_size", data)
+    group = s.get("tensor_parallel_size", "auto")
+    group = world // nodes if group == "auto" else _int("strategy.tensor_parallel_size", group)
+    if data * group != world:
+        raise ConfigError(f"strategy=tp: data_parallel_size({data}) * tensor_parallel_size({group}) != "
+                          f"trainer.devices × trainer.num_nodes ({world})")
+    try:
+        tp_cost(sizes, group, rows=1)
+    except ValueError as e:
+        raise ConfigError(f"strategy=tp cannot shard the model's sizes {sizes} over {group} ranks: "
+                          f"{e}") from None
+    return group, data
+
+
+def _check_energy(cfg: DictConfig) -> None:
+    energy = cfg.get("energy") or {}
+    if "_target_" not in energy:
+        return
+    meter = energy.get("meter")
+    if meter == "nvml" and cfg.trainer.get("accelerator") == "cpu":
+        raise ConfigError("energy=nvml measures NVIDIA GPUs, but trainer=cpu; use energy=auto, rapl or "
+                          "estimate, or trainer=gpu")
+    if meter == "rapl":
+        from lightning_phantom.meters import rapl_unavailable_reason
+
+        why = rapl_unavailable_reason(energy.get("powercap_root", "/sys/class/powercap"))
+        if why is not None:
+            raise ConfigError(f"energy=rapl cannot read the RAPL counters: {why}; use energy=auto or "
+                              "estimate")
+
+
+def check_config(cfg: DictConfig) -> Plan:
+    """Everything that can be known before a process starts; raises ``ConfigError`` with the fix."""
+    kind = strategy_kind(cfg.get("strategy"))
+    nodes = _int("trainer.num_nodes", cfg.trainer.get("num_nodes", 1))
+    world = _devices(cfg.trainer) * nodes
+    m = cfg.model
+    width, depth = _int("model.width", m.width), _int("model.depth", m.depth, 0)
+    d_in, d_out = _int("model.input_size", m.input_size), _int("model.output_size", m.output_size)
+    sizes = [d_in] + [width] * (depth + 1) + [d_out]
+    group, data, ghosts = 1, world, None
+    if kind == "single" and world != 1:
+        raise ConfigError(f"strategy=single runs on one device, but trainer.devices × trainer.num_nodes = "
+                          f"{world}; set trainer.devices=1, or choose strategy=phantom, tp or ddp")
+    if kind == "phantom":
+        group, data, ghosts = _check_phantom(cfg.strategy, world, width, depth, sizes)
+    elif kind == "tp":
+        group, data = _check_tp(cfg.strategy, world, nodes, sizes)
+    _check_energy(cfg)
+    return Plan(kind, world, group, data, sizes, ghosts)
+
+
+# ---------------------------------------------------------------- running
+def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict]:
+    """Train once from ``cfg``; on global rank 0 write ``result.json`` into ``run_dir`` and return it."""
+    plan = check_config(cfg)
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    import lightning_phantom  # noqa: F401  registers strategy="phantom"
+    from lightning_phantom.compare import RunRecorder
+
+    run_dir = Path(run_dir or os.getcwd())
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same dense init on every rank
+    data = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    strategy = hydra.utils.instantiate(cfg.strategy)
+    energy = cfg.get("energy")
+    monitor = hydra.utils.instantiate(energy) if energy and "_target_" in energy else None
+    measure = cfg.get("measure") or {}
+    recorder = RunRecorder(plan, count_step=measure.get("count_step"), energy=monitor,
+                           warmup_steps=measure.get("warmup_steps", 3),
+                           rss_period_s=measure.get("rss_period_s", 0.01))
+    # The recorder after the monitor: it reads the joules of the step the monitor has just closed.
+    callbacks = [c for c in (monitor, recorder) if c is not None]
+    logger = CSVLogger(run_dir, name="logs", version="") if cfg.get("csv_logger", True) else False
+    trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger,
+                                      default_root_dir=str(run_dir))
+    trainer.fit(model, datamodule=data)
+    if not trainer.is_global_zero:
+        return None
+    result = {**recorder.result, "config": OmegaConf.to_container(cfg, resolve=True), "plan": asdict(plan)}
+    path = run_dir / RESULT_FILE
+    path.write_text(json.dumps(result, indent=1))
+    print(summary_line(result) + f"\n(result written to {path})", flush=True)
+    return result
+
+
+def summary_line(result: dict) -> str:
+    energy = result.get("energy") or {}
+    joules = f", {energy['total_J']:.4g} J ({energy['meter']})" if energy.get("total_J") is not None else ""
+    val = result["final_val_loss"]
+    return (f"{result['strategy']}: {result['steps']} steps, median step "
+            f"{1e3 * result['step_time_s']:.3g} ms, final train loss {result['final_train_loss']:.4g}, "
+            f"val loss {'-' if val is None else format(val, '.4g')}{joules}")
+
+
+def run_app_subprocess(overrides: Sequence[str], run_dir: Path, log_path: Path, timeout_s: float) -> int:
+    """``python -m lightning_phantom OVERRIDES hydra.run.dir=RUN_DIR``, its output in ``log_path``.
+
+    The child gets a session of its own, so that on a timeout (or an interrupt) the whole run,
+    the Lightning launcher's children included, is killed rather than left behind.
+    """
+    command = [sys.executable, "-m", "lightning_phantom", *overrides, f'hydra.run.dir="{run_dir}"']
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise TimeoutError(f"{' '.join(command)} ran past {timeout_s:.0f} s and was killed; see "
+                               f"{log_path}") from None
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+
+
+def _launched_externally() -> bool:
+    """This process is one rank of a job someone else started (Lightning, torchrun, SLURM)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return "LOCAL_RANK" in os.environ or TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
+
+
+def _run_multirun_job() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    log = run_dir / "run.log"
+    rc = run_app_subprocess(list(hc.overrides.task), run_dir, log, timeout_s=7 * 24 * 3600)
+    if rc:
+        sys.stderr.write(log.read_text()[-6000:])
+        raise SystemExit(rc)
+    print(next((line for line in reversed(log.read_text().splitlines()) if " steps, median step " in line),
+               f"done: {run_dir}"), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        plan = check_config(cfg)
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN and plan.world_size > 1 and not _launched_externally():
+            _run_multirun_job()
+        else:
+            run(cfg, hc.runtime.output_dir)
+    except ConfigError as e:
+        print(f"lightning-phantom: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
