@@ -122,6 +122,14 @@ class StepCost(_ForwardBackward):
             collectives=tuple(sorted(calls.items())),
         )
 
+    def payloads(self) -> list[tuple[str, int, str]]:
+        """Every collective of the step as (kind, payload elements, phase), sorted: comparable
+        with ``sorted((r.op, r.numel, r.phase) for r in CommCounter().records)``."""
+        return sorted(
+            [(op, n, "forward") for layer in self.per_layer for op, n in layer.collectives_fwd]
+            + [(op, n, "backward") for layer in self.per_layer for op, n in layer.collectives_bwd]
+        )
+
     @property
     def calls(self) -> Counter:
         """Number of collectives by kind, comparable with ``CommCounter.calls``."""
