@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -27,7 +29,10 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.optim import Optimizer
 
 from lightning_phantom.convert import merge_shards
 from lightning_phantom.layers import (
@@ -37,6 +42,81 @@ from lightning_phantom.layers import (
 PathLike = Union[str, os.PathLike]
 _META = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME, as the strategy writes it
 _SHARD_TAG = re.compile(r"^(?P<name>.+)\|phantom(?P<rank>\d+)/(?P<size>\d+)$")
+
+
+# ------------------------------------------------------- strategy format
+def split_tensors(state_dict: dict[str, Any], optimizer_states: list[dict[str, Any]]):
+    """Flat DCP keys → tensors; what is not a tensor, for meta.pt (by the same names)."""
+    tensors: dict[str, Tensor] = {}
+    model_extra: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, Tensor):
+            tensors[f"model::{key}"] = value
+        else:
+            model_extra[key] = value
+    optimizer_extra = []
+    for i, state in enumerate(optimizer_states):
+        extra: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+        for name, per_param in state["state"].items():
+            for key, value in per_param.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optimizer_{i}::{name}::{key}"] = value
+                else:
+                    extra["state"].setdefault(name, {})[key] = value
+        optimizer_extra.append(extra)
+    return tensors, model_extra, optimizer_extra
+
+
+def other_shard(key: str, p: int) -> bool:
+    return "|phantom" in key and key.endswith(f"/{p}")
+
+
+def load_optimizer(optimizer: Optimizer, names: dict[int, tuple[str, str]], slots, extra: dict[str, Any],
+                    path: Path) -> None:
+    fresh = optimizer.state_dict()["param_groups"]
+    saved = extra["param_groups"]
+    if [g["params"] for g in saved] != [[names[i][0] for i in g["params"]] for g in fresh]:
+        raise ValueError(f"The optimizer's parameter groups differ from those saved in {str(path)!r}; "
+                         "configure_optimizers() must build the same groups to resume.")
+    state = {}
+    for i, (_, key) in names.items():
+        entry = {**slots.get(key, {}), **extra["state"].get(key, {})}
+        if entry:
+            state[i] = entry
+    groups = [{**s, "params": f["params"]} for s, f in zip(saved, fresh)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` admitting only DCP's own classes, dtypes, sizes and paths."""
+
+    _MODULES = ("torch.distributed.checkpoint.metadata",)
+    _NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+              ("torch.serialization", "_get_layout"), ("torch", "Size"), ("pathlib", "PosixPath"),
+              ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+              ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        if module in self._MODULES or (module, name) in self._NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
+                                     "PhantomStrategy checkpoint never contains; refusing to load it.")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's reader with the metadata file read by ``_MetadataUnpickler`` instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        get_path = getattr(self, "_get_metadata_path", None)
+        path = get_path(kwargs.get("rank")) if get_path else Path(self.path) / ".metadata"
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 # ------------------------------------------------------------ atomic replace
@@ -134,9 +214,7 @@ def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, li
     Run it on one process (it uses no process group). Returns the ghosts per phantom layer
     of each FFN in ``dst``, by module name (to pass as ``ghosts=``; irrelevant when p/merge = 1).
     """
-    from lightning_phantom.strategy import _SafeFileSystemReader  # the strategy imports this module
 
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     src, dst = Path(src), Path(dst)
@@ -154,12 +232,12 @@ def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, li
         raise ValueError(f"{str(src)!r} holds phantom groups of {p} ranks; merge must be a positive divisor of "
                          f"{p} (new group size p/merge), got merge={merge!r}.")
 
-    stored = _SafeFileSystemReader(src).read_metadata().state_dict_metadata
+    stored = SafeFileSystemReader(src).read_metadata().state_dict_metadata
     state = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in stored.items()
              if k.startswith("model::") and isinstance(md, TensorStorageMetadata)}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(state, storage_reader=_SafeFileSystemReader(src), no_dist=True)
+        dcp.load(state, storage_reader=SafeFileSystemReader(src), no_dist=True)
 
     model = {k[len("model::"):]: v for k, v in state.items()}
     out, ghosts = _reshard_model(model, p, merge)

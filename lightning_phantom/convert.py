@@ -14,7 +14,6 @@ import copy
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_phantom.comm import GroupInfo, all_gather_into

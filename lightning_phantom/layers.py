@@ -15,7 +15,7 @@ conversion, merging and ``to_dense`` assemble shards on one process.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.distributed as dist

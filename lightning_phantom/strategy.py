@@ -28,9 +28,7 @@ batch; the groups are data-parallel replicas of each other.
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -43,7 +41,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
-from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.optim import Optimizer
 
 import lightning.pytorch as pl
@@ -68,7 +65,10 @@ from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from lightning_phantom.checkpoints import discard, previous_path, publish, save_durably, staging_path
+from lightning_phantom.checkpoints import (
+    SafeFileSystemReader, discard, load_optimizer, other_shard, previous_path, publish, save_durably, split_tensors,
+    staging_path,
+)
 from lightning_phantom.convert import ffn_linears, to_phantom
 from lightning_phantom.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.layers import PhantomFFN, set_group, sharded_parameters
@@ -499,7 +499,7 @@ class PhantomStrategy(ParallelStrategy):
             discard(staging)  # what an interrupted save left
         self.barrier()
         staging.mkdir(parents=True, exist_ok=True)
-        tensors, model_extra, optimizer_extra = _split_tensors(checkpoint.pop("state_dict"),
+        tensors, model_extra, optimizer_extra = split_tensors(checkpoint.pop("state_dict"),
                                                                checkpoint.pop("optimizer_states", []))
         if self.layout.phantom > 1:
             # Non-tensor entries of sharded parameters differ by phantom rank; rank 0 writes them all.
@@ -543,13 +543,13 @@ class PhantomStrategy(ParallelStrategy):
                 f"{info['phantom_parallel']}, or re-shard the model with lightning_phantom.merge_shards."
             )
         module = self.lightning_module
-        stored = _SafeFileSystemReader(path).read_metadata().state_dict_metadata
+        stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
         keys = self._shard_keys()
         # The module's own tensors are the targets: DCP loads into them in place.
         own = {keys.get(k, k): t for k, t in module.state_dict().items() if isinstance(t, Tensor)}
         saved = {k[len("model::"):] for k in stored if k.startswith("model::")}
         missing = sorted(set(own) - saved)
-        unexpected = sorted(k for k in saved - set(own) if not _other_shard(k, self.layout.phantom))
+        unexpected = sorted(k for k in saved - set(own) if not other_shard(k, self.layout.phantom))
         if module.strict_loading and (missing or unexpected):
             raise RuntimeError(f"Error loading {str(path)!r} into {type(module).__name__}: missing keys "
                                f"{missing}, unexpected keys {unexpected}. Set `strict_loading = False` on "
@@ -565,13 +565,13 @@ class PhantomStrategy(ParallelStrategy):
                 if kind == f"optimizer_{i}" and rest[0] in wanted:
                     slots[rest[0]][rest[1]] = targets[key] = torch.empty(md.size, dtype=md.properties.dtype)
             plans.append((optimizer, names, slots, info["optimizer_extra"][i]))
-        dcp.load(targets, storage_reader=_SafeFileSystemReader(path))
+        dcp.load(targets, storage_reader=SafeFileSystemReader(path))
         if info["model_extra"]:
             plain = {v: k for k, v in keys.items()}
             full = {plain.get(k, k): v for k, v in {**own, **info["model_extra"]}.items()}
             module.load_state_dict(full, strict=module.strict_loading)
         for optimizer, names, slots, extra in plans:
-            _load_optimizer(optimizer, names, slots, extra, path)
+            load_optimizer(optimizer, names, slots, extra, path)
         return metadata
 
     def _shard_keys(self) -> dict[str, str]:
@@ -757,78 +757,3 @@ def _broadcast(tensors: list[Tensor], group: Optional[dist.ProcessGroup], src: i
     with torch.no_grad():
         _coalesced([t for t in tensors if not t.is_meta],
                    lambda flat: dist.broadcast(flat, src=src, group=group))
-
-
-# ------------------------------------------------------------ checkpoint
-def _split_tensors(state_dict: dict[str, Any], optimizer_states: list[dict[str, Any]]):
-    """Flat DCP keys → tensors; what is not a tensor, for meta.pt (by the same names)."""
-    tensors: dict[str, Tensor] = {}
-    model_extra: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        if isinstance(value, Tensor):
-            tensors[f"model::{key}"] = value
-        else:
-            model_extra[key] = value
-    optimizer_extra = []
-    for i, state in enumerate(optimizer_states):
-        extra: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
-        for name, per_param in state["state"].items():
-            for key, value in per_param.items():
-                if isinstance(value, Tensor):
-                    tensors[f"optimizer_{i}::{name}::{key}"] = value
-                else:
-                    extra["state"].setdefault(name, {})[key] = value
-        optimizer_extra.append(extra)
-    return tensors, model_extra, optimizer_extra
-
-
-def _other_shard(key: str, p: int) -> bool:
-    return "|phantom" in key and key.endswith(f"/{p}")
-
-
-def _load_optimizer(optimizer: Optimizer, names: dict[int, tuple[str, str]], slots, extra: dict[str, Any],
-                    path: Path) -> None:
-    fresh = optimizer.state_dict()["param_groups"]
-    saved = extra["param_groups"]
-    if [g["params"] for g in saved] != [[names[i][0] for i in g["params"]] for g in fresh]:
-        raise ValueError(f"The optimizer's parameter groups differ from those saved in {str(path)!r}; "
-                         "configure_optimizers() must build the same groups to resume.")
-    state = {}
-    for i, (_, key) in names.items():
-        entry = {**slots.get(key, {}), **extra["state"].get(key, {})}
-        if entry:
-            state[i] = entry
-    groups = [{**s, "params": f["params"]} for s, f in zip(saved, fresh)]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` admitting only DCP's own classes, dtypes, sizes and paths."""
-
-    _MODULES = ("torch.distributed.checkpoint.metadata",)
-    _NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-              ("torch.serialization", "_get_layout"), ("torch", "Size"), ("pathlib", "PosixPath"),
-              ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
-              ("collections", "OrderedDict")}
-
-    def find_class(self, module: str, name: str):
-        if module in self._MODULES or (module, name) in self._NAMES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
-                                     "PhantomStrategy checkpoint never contains; refusing to load it.")
-
-
-class _SafeFileSystemReader(dcp.FileSystemReader):
-    """DCP's reader with the metadata file read by ``_MetadataUnpickler`` instead of ``pickle.load``."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        get_path = getattr(self, "_get_metadata_path", None)
-        path = get_path(kwargs.get("rank")) if get_path else Path(self.path) / ".metadata"
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata

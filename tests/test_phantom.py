@@ -130,7 +130,7 @@ def test_gradients_match_finite_differences(p, overlap):
 
 
 def svd_conversion(ghosts: int):
-    rank, p = dist.get_rank(), dist.get_world_size()
+    p = dist.get_world_size()
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
     ffn = lp.to_phantom(dense, ghosts=ghosts)

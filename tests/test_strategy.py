@@ -330,7 +330,7 @@ def test_resume_from_sharded_checkpoint_continues_exactly(tmp_path):
 
 
 def test_checkpoint_metadata_is_read_without_arbitrary_unpickling():
-    from lightning_phantom.strategy import _MetadataUnpickler
+    from lightning_phantom.checkpoints import _MetadataUnpickler
 
     class Exploit:
         def __reduce__(self):
