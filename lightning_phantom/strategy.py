@@ -70,6 +70,7 @@ from lightning_phantom.checkpoints import (
     staging_path,
 )
 from lightning_phantom.convert import ffn_linears, to_phantom
+from lightning_phantom.cost import compare, phantom_cost
 from lightning_phantom.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.layers import PhantomFFN, set_group, sharded_parameters
 from lightning_phantom.layout import PhantomLayout, Size, check_size
@@ -714,10 +715,6 @@ def _ghosts_for(name: str, seq: nn.Sequential, spec: Any, p: int) -> list[int]:
 
 def _describe(sizes: list[int], p: int, ghosts: list[int]) -> str:
     """Parameters per rank, and PP/TP communication and arithmetic per input row (cost.py)."""
-    try:
-        from lightning_phantom.cost import compare, phantom_cost
-    except ImportError:  # the cost model is optional here
-        return f"ghosts {ghosts}"
     try:
         return compare(sizes, p, ghosts, rows=1).describe() + " (per input row, fp32)"
     except ValueError as e:  # tensor parallelism cannot split it (e.g. d_out % p with an odd depth)
