@@ -109,18 +109,14 @@ def _devices(trainer_cfg: Any) -> int:
 
 def _ghosts(spec: Any, width: int, depth: int, p: int) -> list[int]:
     """Ghosts per phantom layer, as ``PhantomStrategy`` resolves ``ghosts`` for the module's ``net``."""
-    from lightning_phantom.strategy import AUTO_GHOSTS
+    from lightning_phantom.strategy import resolve_ghosts
 
     if isinstance(spec, (dict, DictConfig)):
         spec = spec.get("net", "auto")
-    if spec == "auto":
-        return [min(AUTO_GHOSTS, width // p)] * depth
-    if spec == "full":
-        return [width // p] * depth
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        return [spec] * depth
     if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
-        return list(spec)
+        return list(spec)  # its length is checked with the rest of the shape by the cost model
+    if spec in ("auto", "full") or (isinstance(spec, int) and not isinstance(spec, bool)):
+        return resolve_ghosts(spec, [width] * depth, p, "model.net")
     raise ConfigError("strategy.ghosts must be 'auto', 'full', a positive integer or a list of them (one "
                       f"per phantom layer), got {spec!r}")
 

@@ -693,8 +693,9 @@ def _ineligible(seq: nn.Sequential, name: str, p: int) -> Optional[str]:
     return None
 
 
-def _ghosts_for(name: str, seq: nn.Sequential, spec: Any, p: int) -> list[int]:
-    widths = [lin.in_features for lin in ffn_linears(seq)[1:-1]]  # n_in of each phantom layer
+def resolve_ghosts(spec: Any, widths: Sequence[int], p: int, name: str) -> list[int]:
+    """Ghosts per phantom layer of FFN ``name``, whose phantom layers take ``widths`` inputs:
+    ``"auto"`` (min(AUTO_GHOSTS, n_in/p)), ``"full"`` (n_in/p, exact conversion), an int or a list."""
     if spec == "auto":
         return [min(AUTO_GHOSTS, n // p) for n in widths]
     if spec == "full":
@@ -703,6 +704,12 @@ def _ghosts_for(name: str, seq: nn.Sequential, spec: Any, p: int) -> list[int]:
     if len(per_layer) != len(widths):
         raise ValueError(f"ghosts for {name} has {len(per_layer)} entries but it has {len(widths)} phantom "
                          "layers")
+    return per_layer
+
+
+def _ghosts_for(name: str, seq: nn.Sequential, spec: Any, p: int) -> list[int]:
+    widths = [lin.in_features for lin in ffn_linears(seq)[1:-1]]  # n_in of each phantom layer
+    per_layer = resolve_ghosts(spec, widths, p, name)
     for layer, (k, n) in enumerate(zip(per_layer, widths), start=1):
         if k > n // p:
             raise ValueError(
