@@ -52,9 +52,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lightning_phantom.comm import copy_to_phantom, reduce_from_phantom
-from lightning_phantom.counting import CommCounter
-from lightning_phantom.layers import PhantomLinear
+from lightning_phantom.ops.comm import copy_to_phantom, reduce_from_phantom
+from lightning_phantom.cost.counting import CommCounter
+from lightning_phantom.nn.layers import PhantomLinear
 
 
 class _ColumnParallelAsync(torch.autograd.Function):
@@ -232,8 +232,8 @@ def _profile(rank: int, args) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.profiler import ProfilerActivity, profile
 
-    from lightning_phantom.layers import PhantomFFN
-    from lightning_phantom.tensor_parallel import parallelize_ffn
+    from lightning_phantom.nn.layers import PhantomFFN
+    from lightning_phantom.app.tensor_parallel import parallelize_ffn
 
     p, width, k, rows = args.p, args.widths[0], args.ghosts[0], args.rows
     sizes = [64] + [width] * 5 + [1]

@@ -9,7 +9,7 @@ layer, ReLU, MSE on synthetic data, fused Adam (``--optimizer``), float32, 256 r
 step, the same batch on every rank (no data parallelism). Sides:
 
 * **TP** — Lightning's ``ModelParallelStrategy(tensor_parallel_size=p)`` with
-  ``lightning_phantom.tensor_parallel.parallelize_ffn`` in ``configure_model``: DTensor
+  ``lightning_phantom.app.tensor_parallel.parallelize_ffn`` in ``configure_model``: DTensor
   Colwise/Rowwise pairs, the app's baseline.
 * **PP** — ``PhantomFFN(sizes, ghosts, group=strategy.phantom_group)`` built in
   ``configure_model`` and trained with ``strategy="phantom"`` (runner ``phantom``, the
@@ -32,7 +32,7 @@ Memory per rank: the bytes of parameters, gradients and optimizer state this ran
 (DTensors counted by their local shard) after a step, and the peak RSS during the steps
 above the RSS before the block (after ``malloc_trim``), sampled every 2 ms.
 
-The arithmetic bound is the cost model's FLOP ratio (``lightning_phantom.cost``). PP can
+The arithmetic bound is the cost model's FLOP ratio (``lightning_phantom.cost.model``). PP can
 come in under it because TP also spends time on its full-width all-reduces and on
 DTensor's dispatch. Times are noisy on a contended machine, and p > cores oversubscribes
 the CPU (the ratios of bytes, FLOPs and memory stay exact): re-run final figures on a
@@ -63,8 +63,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_phantom.cost import phantom_cost, tp_cost
-from lightning_phantom.counting import CommCounter, LocalFlopCounterMode
+from lightning_phantom.cost.model import phantom_cost, tp_cost
+from lightning_phantom.cost.counting import CommCounter, LocalFlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ def make_optimizer(params, args) -> torch.optim.Optimizer:
 def _build_module(sizes, side: Side, args):
     import lightning.pytorch as pl
 
-    from lightning_phantom.layers import PhantomFFN
+    from lightning_phantom.nn.layers import PhantomFFN
 
     class FFNModule(pl.LightningModule):
         def __init__(self) -> None:
@@ -212,7 +212,7 @@ def _build_module(sizes, side: Side, args):
             if self.ffn is not None:
                 return
             if side.scheme == "TP":
-                from lightning_phantom.tensor_parallel import parallelize_ffn
+                from lightning_phantom.app.tensor_parallel import parallelize_ffn
 
                 with torch.device("meta"):  # Lightning materialises the shards (reset_parameters)
                     ffn = _dense_ffn(sizes)
@@ -263,7 +263,7 @@ def _trainer_block(side: Side, sizes, args, runner: str, probe: StepProbe) -> No
 
 
 def _loop_block(side: Side, sizes, args, probe: StepProbe) -> None:
-    from lightning_phantom.layers import PhantomFFN
+    from lightning_phantom.nn.layers import PhantomFFN
 
     ffn = PhantomFFN(sizes, side.ghosts, overlap=side.overlap)
     optimizer = make_optimizer(ffn.parameters(), args)

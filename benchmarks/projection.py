@@ -4,7 +4,7 @@
     python benchmarks/projection.py --calibrate pp_vs_tp.jsonl --out /tmp/projection.png
 
 The per-rank FLOPs, collectives and sent bytes of one step come from the project's cost
-model (``lightning_phantom.cost``: ``phantom_cost`` / ``tp_cost``, the same functions the
+model (``lightning_phantom.cost.model``: ``phantom_cost`` / ``tp_cost``, the same functions the
 tests hold equal to counted bytes and FLOPs). This script adds:
 
 * compute: FLOPs / (peak × MFU) per layer, and Adam's update as HBM traffic;
@@ -33,7 +33,7 @@ import math
 import statistics
 import sys
 
-from lightning_phantom.cost import phantom_cost, tp_cost
+from lightning_phantom.cost.model import phantom_cost, tp_cost
 
 # Documented figures (vendor data sheets); MFU and powers other than TDP are assumptions.
 GPUS = {

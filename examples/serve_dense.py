@@ -27,8 +27,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from lightning_phantom import PhantomFFN, merge_shards, sharded_parameters, to_dense
-from lightning_phantom.data import TeacherDataModule
-from lightning_phantom.module import FFNModule
+from lightning_phantom.app.data import TeacherDataModule
+from lightning_phantom.app.module import FFNModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import lightning as L
 
 import lightning_phantom as lp
-from lightning_phantom.data import TeacherDataModule
-from lightning_phantom.module import FFNModule
+from lightning_phantom.app.data import TeacherDataModule
+from lightning_phantom.app.module import FFNModule
 
 
 def train(devices: int = 2, width: int = 256, depth: int = 3, ghosts="auto", steps: int = 200,

@@ -3,21 +3,17 @@
 ``import lightning_phantom`` registers ``strategy="phantom"`` with Lightning.
 """
 
-from lightning_phantom.checkpoints import reshard_checkpoint
-from lightning_phantom.comm import copy_to_phantom, gather_ghosts, reduce_from_phantom
 from lightning_phantom.energy import EnergyMonitor
-from lightning_phantom.convert import gather_shards, merge_shards, to_dense, to_phantom
-from lightning_phantom.guards import NonFiniteError, NonFiniteGuard
-from lightning_phantom.strategy import PhantomStrategy
-from lightning_phantom.layers import (
-    ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, set_group, sharded_parameters,
+from lightning_phantom.nn import (
+    ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, gather_shards, merge_shards, set_group,
+    sharded_parameters, to_dense, to_phantom,
 )
+from lightning_phantom.strategy import NonFiniteError, NonFiniteGuard, PhantomStrategy, reshard_checkpoint
 
 __all__ = [
     "PhantomStrategy",
     "EnergyMonitor",
     "ColumnParallelLinear", "PhantomFFN", "PhantomLinear", "RowParallelLinear", "set_group", "sharded_parameters",
-    "copy_to_phantom", "gather_ghosts", "reduce_from_phantom",
     "gather_shards", "merge_shards", "to_dense", "to_phantom",
     "NonFiniteError", "NonFiniteGuard", "reshard_checkpoint",
 ]

@@ -55,14 +55,14 @@ def _launched_rank_1(run_dir: Path) -> bool:
 def compose():
     from hydra import compose, initialize_config_dir
 
-    from lightning_phantom.app import CONF_DIR
+    from lightning_phantom.app.cli import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         yield lambda *overrides, name="config": compose(config_name=name, overrides=list(overrides))
 
 
 def test_check_config_resolves_layouts(compose):
-    from lightning_phantom.app import check_config
+    from lightning_phantom.app.cli import check_config
 
     plan = check_config(compose("model.width=64", "strategy.ghosts=8"))
     assert (plan.strategy, plan.world_size, plan.group_size, plan.data_parallel) == ("phantom", 2, 2, 1)
@@ -88,14 +88,14 @@ def test_check_config_resolves_layouts(compose):
     (["energy=nvml"], "energy=nvml measures NVIDIA GPUs, but trainer=cpu"),
 ])
 def test_check_config_says_what_to_fix(compose, overrides, message):
-    from lightning_phantom.app import ConfigError, check_config
+    from lightning_phantom.app.cli import ConfigError, check_config
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_config(compose(*overrides))
 
 
 def test_compare_passes_strategy_options_only_where_they_exist(compose):
-    from lightning_phantom.compare import overrides_for
+    from lightning_phantom.app.compare import overrides_for
 
     compose()  # Hydra initialised, as inside the compare app
     given = ["strategy.ghosts=8", "model.width=64", "compare.timeout_s=5", "strategy=ddp", "hydra.run.dir=x"]

@@ -1,4 +1,4 @@
-"""The analytic cost model (lightning_phantom.cost) and its check against counted bytes and FLOPs.
+"""The analytic cost model (lightning_phantom.cost.model) and its check against counted bytes and FLOPs.
 
 The table tests hold ``cost`` to PHANTOM.md's cost table; the distributed tests hold it to
 what ``CommCounter`` and ``FlopCounterMode`` count for one forward + backward of a
@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import run_ranks
 
-from lightning_phantom.cost import compare, phantom_cost, tp_cost
+from lightning_phantom.cost.model import compare, phantom_cost, tp_cost
 
 # (n, p, k): hidden width, group size, ghosts per rank
 TABLE = [(64, 4, 2), (64, 2, 1), (96, 4, 8), (128, 8, 3), (36, 3, 12), (32, 4, 8)]
@@ -121,8 +121,8 @@ def test_validation(call, words):
 def _phantom_step(sizes, ghosts, rows, dtype, input_requires_grad, seed=0):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightning_phantom.counting import CommCounter, LocalFlopCounterMode
-    from lightning_phantom.layers import PhantomFFN
+    from lightning_phantom.cost.counting import CommCounter, LocalFlopCounterMode
+    from lightning_phantom.nn.layers import PhantomFFN
 
     torch.manual_seed(seed)
     ffn = PhantomFFN(sizes, ghosts, dtype=dtype)
@@ -184,7 +184,7 @@ def _counter_checks():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from lightning_phantom.counting import CommCounter
+    from lightning_phantom.cost.counting import CommCounter
 
     rank, p = dist.get_rank(), dist.get_world_size()
     singles = [dist.new_group([r]) for r in range(p)]  # every rank takes part in every new_group

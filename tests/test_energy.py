@@ -16,7 +16,7 @@ import torch
 from conftest import run_ranks
 
 from lightning_phantom.energy import EnergyMonitor
-from lightning_phantom.meters import (
+from lightning_phantom.energy.meters import (
     EstimateMeter,
     NvmlMeter,
     RaplMeter,
@@ -389,7 +389,7 @@ def _fit_on_rank(log_dir: str, log_every: int, steps: int) -> dict:
     all_reduce = dist.all_reduce
 
     def counting_all_reduce(tensor, *args, **kwargs):
-        if sys._getframe(1).f_globals.get("__name__") == "lightning_phantom.energy":
+        if sys._getframe(1).f_globals.get("__name__") == "lightning_phantom.energy.monitor":
             reductions.append(tensor.numel())
         return all_reduce(tensor, *args, **kwargs)
 

@@ -351,7 +351,7 @@ def test_lost_node_reshard_to_fewer_ranks_and_continue(tmp_path, two_nodes):
 
 def test_reshard_four_shards_to_two_keeps_shard_keys_and_the_function():
     """The key bookkeeping for a new group of more than one rank (in-process, no checkpoint I/O)."""
-    from lightning_phantom.checkpoints import _reshard_model, _shard_from_state
+    from lightning_phantom.strategy.checkpoints import _reshard_model, _shard_from_state
 
     torch.manual_seed(0)
     shards = [lp.PhantomFFN([6, 8, 8, 8, 4], ghosts=2, activation="tanh", shard=(r, 4)) for r in range(4)]

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lightning_phantom as lp
-from lightning_phantom.layers import PhantomLinear
+from lightning_phantom.nn.layers import PhantomLinear
 from conftest import run_ranks
 
 SIZES = [6, 8, 12, 8, 3]  # column 6→8, phantom 8→12 and 12→8, row 8→3

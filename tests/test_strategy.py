@@ -26,7 +26,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_phantom as lp
-from lightning_phantom.layout import PhantomLayout
+from lightning_phantom.strategy.layout import PhantomLayout
 from conftest import run_ranks
 
 N, D_IN, D_OUT = 64, 6, 4
@@ -330,7 +330,7 @@ def test_resume_from_sharded_checkpoint_continues_exactly(tmp_path):
 
 
 def test_checkpoint_metadata_is_read_without_arbitrary_unpickling():
-    from lightning_phantom.checkpoints import _MetadataUnpickler
+    from lightning_phantom.strategy.checkpoints import _MetadataUnpickler
 
     class Exploit:
         def __reduce__(self):

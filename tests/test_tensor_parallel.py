@@ -14,7 +14,7 @@ import torch
 from conftest import run_ranks
 from torch import nn
 
-from lightning_phantom.cost import tp_cost
+from lightning_phantom.cost.model import tp_cost
 
 SIZES = {
     "even": [6, 8, 12, 8, 5],  # 4 Linear layers: two Colwise/Rowwise pairs
@@ -38,8 +38,8 @@ def _tp_step(sizes, rows, dtype, input_requires_grad, seed=0):
     from torch.distributed.tensor import DTensor
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightning_phantom.counting import CommCounter, LocalFlopCounterMode
-    from lightning_phantom.tensor_parallel import parallelize_ffn
+    from lightning_phantom.cost.counting import CommCounter, LocalFlopCounterMode
+    from lightning_phantom.app.tensor_parallel import parallelize_ffn
 
     p = dist.get_world_size()
     mesh = init_device_mesh("cpu", (p,), mesh_dim_names=("tensor_parallel",))
@@ -127,7 +127,7 @@ def test_tp_bytes_grow_with_width():
 def _bad_ffn(case):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_phantom.tensor_parallel import parallelize_ffn
+    from lightning_phantom.app.tensor_parallel import parallelize_ffn
 
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",))
     modules = {
@@ -161,8 +161,8 @@ def _lightning_tp_step(sizes, rows):
     import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lightning_phantom.counting import CommCounter
-    from lightning_phantom.tensor_parallel import parallelize_ffn
+    from lightning_phantom.cost.counting import CommCounter
+    from lightning_phantom.app.tensor_parallel import parallelize_ffn
 
     class Model(L.LightningModule):
         def __init__(self):

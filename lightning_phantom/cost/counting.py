@@ -1,11 +1,11 @@
 """Count the collectives a rank actually hands to ``torch.distributed``.
 
-``CommCounter`` is the measuring side of the cost model (``lightning_phantom.cost``):
+``CommCounter`` is the measuring side of the cost model (``lightning_phantom.cost.model``):
 it records what was issued, the cost model predicts it, and the tests hold the two equal
 to the byte. Two paths reach the network and both are watched:
 
 * the c10d Python API (``dist.all_gather_into_tensor`` & co.), used by the phantom
-  operator (``lightning_phantom.comm``), which looks the functions up as
+  operator (``lightning_phantom.ops.comm``), which looks the functions up as
   ``dist.<name>`` at call time. Patching the ``torch.distributed`` attributes for the
   duration of the ``with`` block catches them, ``async_op=True`` included. A reference
   taken before the block (``from torch.distributed import all_reduce``) is not seen.

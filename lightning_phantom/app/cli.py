@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 RESULT_FILE = "result.json"
 STRATEGIES = {  # _target_ (class or factory) → the name the app and the tables use
     "lightning_phantom.strategy.PhantomStrategy": "phantom",
@@ -38,7 +38,7 @@ STRATEGIES = {  # _target_ (class or factory) → the name the app and the table
     "lightning.pytorch.strategies.model_parallel.ModelParallelStrategy": "tp",
     "lightning.pytorch.strategies.DDPStrategy": "ddp",
     "lightning.pytorch.strategies.ddp.DDPStrategy": "ddp",
-    "lightning_phantom.app.single_device_strategy": "single",
+    "lightning_phantom.app.cli.single_device_strategy": "single",
 }
 
 
@@ -109,7 +109,7 @@ def _devices(trainer_cfg: Any) -> int:
 
 def _ghosts(spec: Any, width: int, depth: int, p: int) -> list[int]:
     """Ghosts per phantom layer, as ``PhantomStrategy`` resolves ``ghosts`` for the module's ``net``."""
-    from lightning_phantom.strategy import resolve_ghosts
+    from lightning_phantom.strategy.phantom import resolve_ghosts
 
     if isinstance(spec, (dict, DictConfig)):
         spec = spec.get("net", "auto")
@@ -122,8 +122,8 @@ def _ghosts(spec: Any, width: int, depth: int, p: int) -> list[int]:
 
 
 def _check_phantom(s: DictConfig, world: int, width: int, depth: int, sizes: list[int]):
-    from lightning_phantom.cost import phantom_cost
-    from lightning_phantom.layout import PhantomLayout
+    from lightning_phantom.cost.model import phantom_cost
+    from lightning_phantom.strategy.layout import PhantomLayout
 
     try:
         layout = PhantomLayout.resolve(s.get("data_parallel_size", "auto"),
@@ -154,7 +154,7 @@ def _check_phantom(s: DictConfig, world: int, width: int, depth: int, sizes: lis
 
 
 def _check_tp(s: DictConfig, world: int, nodes: int, sizes: list[int]) -> tuple[int, int]:
-    from lightning_phantom.cost import tp_cost
+    from lightning_phantom.cost.model import tp_cost
 
     data = s.get("data_parallel_size", "auto")
     data = nodes if data == "auto" else _int("strategy.data_parallel_size", data)
@@ -180,7 +180,7 @@ def _check_energy(cfg: DictConfig) -> None:
         raise ConfigError("energy=nvml measures NVIDIA GPUs, but trainer=cpu; use energy=auto, rapl or "
                           "estimate, or trainer=gpu")
     if meter == "rapl":
-        from lightning_phantom.meters import rapl_unavailable_reason
+        from lightning_phantom.energy.meters import rapl_unavailable_reason
 
         why = rapl_unavailable_reason(energy.get("powercap_root", "/sys/class/powercap"))
         if why is not None:
@@ -217,7 +217,7 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
     from lightning.pytorch.loggers import CSVLogger
 
     import lightning_phantom  # noqa: F401  registers strategy="phantom"
-    from lightning_phantom.compare import RunRecorder
+    from lightning_phantom.app.compare import RunRecorder
 
     run_dir = Path(run_dir or os.getcwd())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same dense init on every rank

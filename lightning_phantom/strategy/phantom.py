@@ -1,6 +1,6 @@
 """``PhantomStrategy``: phantom parallelism for a Lightning ``Trainer`` (``strategy="phantom"``).
 
-The ranks form a 2-D mesh ("data_parallel", "phantom_parallel") (``lightning_phantom.layout``).
+The ranks form a 2-D mesh ("data_parallel", "phantom_parallel") (``lightning_phantom.strategy.layout``).
 Each phantom group holds one copy of the model, every FFN split over its ranks, and sees one
 batch; the groups are data-parallel replicas of each other.
 
@@ -65,15 +65,15 @@ from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from lightning_phantom.checkpoints import (
+from lightning_phantom.strategy.checkpoints import (
     SafeFileSystemReader, discard, load_optimizer, other_shard, previous_path, publish, save_durably, split_tensors,
     staging_path,
 )
-from lightning_phantom.convert import ffn_linears, to_phantom
-from lightning_phantom.cost import compare, phantom_cost
-from lightning_phantom.guards import NonFiniteGuard, is_peer_failure
-from lightning_phantom.layers import PhantomFFN, set_group, sharded_parameters
-from lightning_phantom.layout import PhantomLayout, Size, check_size
+from lightning_phantom.nn.convert import ffn_linears, to_phantom
+from lightning_phantom.cost.model import compare, phantom_cost
+from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
+from lightning_phantom.nn.layers import PhantomFFN, set_group, sharded_parameters
+from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh

@@ -1,6 +1,6 @@
 """EnergyMonitor: joules per training step, to a target metric, and for the whole fit.
 
-Each rank reads its meter (see :mod:`lightning_phantom.meters`) at the end of every training
+Each rank reads its meter (see :mod:`lightning_phantom.energy.meters`) at the end of every training
 batch and keeps the step energies in a local list. At each logging boundary
 (``trainer.log_every_n_steps``) one all-reduce of that small list, plus seconds, samples and
 the target hit, turns them into energies summed over all ranks. The only other collective
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_phantom.meters import (
+from lightning_phantom.energy.meters import (
     EstimateMeter,
     NvmlMeter,
     RaplMeter,

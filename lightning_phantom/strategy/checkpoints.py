@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.optim import Optimizer
 
-from lightning_phantom.convert import merge_shards
-from lightning_phantom.layers import (
+from lightning_phantom.nn.convert import merge_shards
+from lightning_phantom.nn.layers import (
     ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, sharded_parameters,
 )
 

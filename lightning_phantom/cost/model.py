@@ -5,7 +5,7 @@
 ``element_size``-byte elements, layer by layer: parameters held, multiply-adds (MACs)
 forward and backward, the collectives issued and the bytes this rank sends for them.
 
-Sent bytes use the ring convention of ``lightning_phantom.counting`` (all_gather:
+Sent bytes use the ring convention of ``lightning_phantom.cost.counting`` (all_gather:
 (p-1)·input bytes; reduce_scatter: (p-1)/p·input bytes; all_reduce: 2(p-1)/p·bytes),
 so ``CommCounter`` totals and these predictions are compared exactly, as Fractions.
 The formulas are spelled out here rather than borrowed from ``counting`` so that the
@@ -15,7 +15,7 @@ FLOPs are 2·MACs, which is what ``torch.utils.flop_counter.FlopCounterMode`` co
 mm/addmm. Bias additions (rows·n_out per layer) are in neither: FlopCounterMode does
 not count them and the table of PHANTOM.md leaves them out.
 
-What DTensor actually issues for ``parallelize_ffn`` (lightning_phantom.tensor_parallel),
+What DTensor actually issues for ``parallelize_ffn`` (lightning_phantom.app.tensor_parallel),
 counted with ``CommCounter`` on gloo (p = 1, 2, 4; directly and inside Lightning's
 ``ModelParallelStrategy``; tests/test_tensor_parallel.py), is exactly Megatron's
 column/row pairing, call for call and byte for byte:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_phantom.layers import ELEMENTWISE
+from lightning_phantom.nn.layers import ELEMENTWISE
 
 
 def _linear_indices(module: nn.Sequential) -> list[int]:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_phantom.comm import all_gather_into, reduce_scatter_into
+from lightning_phantom.ops.comm import all_gather_into, reduce_scatter_into
 
 
 def _others(x: Tensor, rank: int, ghosts: int, dim: int) -> tuple[Tensor, Tensor]:

@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_phantom.comm import GroupInfo, all_gather_into
-from lightning_phantom.layers import (
+from lightning_phantom.ops.comm import GroupInfo, all_gather_into
+from lightning_phantom.nn.layers import (
     ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard, ghosts_per_layer,
 )
 

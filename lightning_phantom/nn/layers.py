@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_phantom.comm import GroupInfo, copy_to_phantom, reduce_from_phantom
-from lightning_phantom.operator import PhantomLinearFunction
+from lightning_phantom.ops.comm import GroupInfo, copy_to_phantom, reduce_from_phantom
+from lightning_phantom.ops.operator import PhantomLinearFunction
 
 ShardSpec = Union[GroupInfo, tuple, None]
 

@@ -22,7 +22,7 @@ from torch import nn
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_phantom.layers import ACTIVATIONS
+from lightning_phantom.nn.layers import ACTIVATIONS
 
 TASKS = ("regression", "classification")
 
@@ -50,7 +50,7 @@ class FFNModule(pl.LightningModule):
         input_size, output_size: features in; targets (regression) or classes out.
         task: ``"regression"`` or ``"classification"``.
         width: hidden width n; depth: hidden n → n layers (the phantom layers), >= 0.
-        activation: a name from ``lightning_phantom.layers.ACTIVATIONS``.
+        activation: a name from ``lightning_phantom.nn.layers.ACTIVATIONS``.
         lr, weight_decay: Adam's.
         fused: fused Adam (one pass per parameter), several times faster than the default on CPU.
     """
@@ -85,7 +85,7 @@ class FFNModule(pl.LightningModule):
             return  # PhantomStrategy converts `net` itself after this hook; DDP keeps it dense
         from torch.distributed.tensor import DTensor
 
-        from lightning_phantom.tensor_parallel import parallelize_ffn
+        from lightning_phantom.app.tensor_parallel import parallelize_ffn
 
         if any(isinstance(p, DTensor) for p in self.net.parameters()):
             return  # already sharded by an earlier fit/validate

@@ -16,7 +16,7 @@ A group of size 1 bypasses the collective. Nothing here names a device: the tens
 device decides, so the same code runs on gloo (CPU) and NCCL (CUDA).
 
 Collectives are looked up as ``torch.distributed.<name>`` at call time so that
-``lightning_phantom.counting.CommCounter`` can count what is handed to them.
+``lightning_phantom.cost.counting.CommCounter`` can count what is handed to them.
 """
 
 from __future__ import annotations
