@@ -15,8 +15,22 @@ function                    forward              backward
 A group of size 1 bypasses the collective. Nothing here names a device: the tensors'
 device decides, so the same code runs on gloo (CPU) and NCCL (CUDA).
 
-Collectives are looked up as ``torch.distributed.<name>`` at call time so that
-``lightning_phantom.cost.counting.CommCounter`` can count what is handed to them.
+**One path for eager and ``torch.compile``.** The autograd pairs and the fused operator
+(``ops/operator.py``) issue PyTorch's functional collectives
+(``torch.ops._c10d_functional``): ``start_*`` returns the result tensor at once and
+``wait`` blocks on it where it is needed. In eager mode that is an asynchronous
+collective like ``async_op=True``, so the overlap of communication and computation is
+unchanged; under ``torch.compile`` the ops are traceable, so a phantom FFN compiles as one
+graph, forward and backward, and the compiler schedules the waits. ``CommCounter``
+(``lightning_phantom.cost.counting``) counts them with its dispatch mode.
+``all_gather_into``/``reduce_scatter_into`` keep the in-place c10d form for set-up code
+(conversion), looked up as ``torch.distributed.<name>`` at call time so the counter sees them.
+
+**Sums in float32.** A reduction of partial sums in bfloat16 or float16 rounds after
+every addition; the collectives that add partial sums (the all-reduces here and the
+ghost-gradient reduce-scatter) send them in ``accumulation_dtype`` (float32 for those
+dtypes) and round once at the end. The buffers are rows × width of the ends or
+ghosts × rows, small next to the layers' matmuls.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
+from torch.distributed import _functional_collectives as funcol
 
 
 @dataclass(frozen=True)
@@ -74,10 +89,37 @@ def reduce_scatter_into(out: Tensor, x: Tensor, group: Optional[ProcessGroup], a
     return scatter(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
-def all_reduce_sum(x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-    return x
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype partial sums are added in: float32 for bfloat16/float16, else ``dtype``."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _group_name(group: Optional[ProcessGroup]) -> str:
+    return funcol._resolve_group_name(group if group is not None else dist.group.WORLD)
+
+
+def start_all_gather(x: Tensor, group: Optional[ProcessGroup], size: int) -> Tensor:
+    """Start an all-gather along dim 0; the result may be read only after ``wait``."""
+    return torch.ops._c10d_functional.all_gather_into_tensor(x.contiguous(), size, _group_name(group))
+
+
+def start_reduce_scatter(x: Tensor, group: Optional[ProcessGroup], size: int) -> Tensor:
+    """Start a sum over ranks of ``x`` (p blocks along dim 0), rank r keeping block r, in
+    ``accumulation_dtype``; ``wait(result, x.dtype)`` gives it back in ``x``'s dtype."""
+    x = x.to(accumulation_dtype(x.dtype)).contiguous()
+    return torch.ops._c10d_functional.reduce_scatter_tensor(x, "sum", size, _group_name(group))
+
+
+def start_all_reduce(x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+    """Start a sum of ``x`` over ranks in ``accumulation_dtype`` (``x`` itself is left unchanged)."""
+    x = x.to(accumulation_dtype(x.dtype)).contiguous()
+    return torch.ops._c10d_functional.all_reduce(x, "sum", _group_name(group))
+
+
+def wait(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Block until the collective that produced ``x`` is done (and cast the result to ``dtype``)."""
+    x = torch.ops._c10d_functional.wait_tensor(x)
+    return x if dtype is None else x.to(dtype)
 
 
 class _CopyToPhantom(torch.autograd.Function):
@@ -90,7 +132,7 @@ class _CopyToPhantom(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return all_reduce_sum(grad.contiguous().clone(), ctx.group), None
+        return wait(start_all_reduce(grad, ctx.group), grad.dtype), None
 
 
 class _ReduceFromPhantom(torch.autograd.Function):
@@ -98,7 +140,7 @@ class _ReduceFromPhantom(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        return all_reduce_sum(x.contiguous().clone(), group)
+        return wait(start_all_reduce(x, group), x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -114,20 +156,12 @@ class _GatherGhosts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        ctx.group = group
-        size = dist.get_world_size(group)
-        x = x.contiguous()
-        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-        all_gather_into(out, x, group)
-        return out
+        ctx.group, ctx.size = group, dist.get_world_size(group)
+        return wait(start_all_gather(x, group, ctx.size))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        size = dist.get_world_size(ctx.group)
-        grad = grad.contiguous()
-        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
-        reduce_scatter_into(out, grad, ctx.group)
-        return out, None
+        return wait(start_reduce_scatter(grad, ctx.group, ctx.size), grad.dtype), None
 
 
 def _single(group: Optional[ProcessGroup]) -> bool:

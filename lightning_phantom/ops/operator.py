@@ -15,7 +15,12 @@ Layout choices that keep the hot path free of copies:
 The collectives are started asynchronously and waited for only when their result is
 needed, so with ``overlap=True`` the ghost exchange runs while the local block is
 multiplied (forward 2–3) and the reduce-scatter while the weight gradients are computed
-(backward 2–3). ``overlap=False`` waits immediately, for comparison and debugging.
+(backward 2–3). ``overlap=False`` waits immediately, for comparison and debugging. They
+are functional collectives (``ops/comm.py``), so the same code runs eagerly and under
+``torch.compile(fullgraph=True)``, where the compiler places the waits itself.
+
+Under bfloat16/float16 the ghost gradients are summed over ranks in float32 (a k × B
+buffer per rank) and rounded once, instead of once per addition.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_phantom.ops.comm import all_gather_into, reduce_scatter_into
+from lightning_phantom.ops.comm import start_all_gather, start_reduce_scatter, wait
 
 
 def _others(x: Tensor, rank: int, ghosts: int, dim: int) -> tuple[Tensor, Tensor]:
@@ -55,13 +60,13 @@ class PhantomLinearFunction(torch.autograd.Function):
         # Forward 1: the ghosts, transposed (k × B).
         ghosts_t = torch.mm(compress, x.t())
         # Forward 2: every rank's ghosts; started first so that 3 overlaps it.
-        all_ghosts_t = ghosts_t.new_empty((size * ghosts, x.shape[0]))
-        work = all_gather_into(all_ghosts_t, ghosts_t, group, async_op=True)
+        all_ghosts_t = start_all_gather(ghosts_t, group, size)
         if not overlap:
-            work.wait()
+            all_ghosts_t = wait(all_ghosts_t)
         # Forward 3: the local block.
         z = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-        work.wait()
+        if overlap:
+            all_ghosts_t = wait(all_ghosts_t)
         # Forward 4: decompress the other ranks' ghosts; own block skipped.
         before, after = _others(all_ghosts_t, rank, ghosts, 0)
         d_before, d_after = decompress.split([before.shape[0], after.shape[0]], dim=1)
@@ -83,17 +88,16 @@ class PhantomLinearFunction(torch.autograd.Function):
         d_before, d_after = decompress.split([rank * ghosts, decompress.shape[1] - rank * ghosts], dim=1)
 
         # Backward 1–2: what this rank owes every other rank's ghosts, then reduce-scatter.
-        work = grad_ghosts_t = None
+        grad_ghosts_t = None
         if need_x or need_c:
             send = grad_z.new_empty((ctx.size * ghosts, grad_z.shape[0]))
             s_before, s_own, s_after = send.split([d_before.shape[1], ghosts, d_after.shape[1]], dim=0)
             torch.mm(d_before.t(), grad_z.t(), out=s_before)
             s_own.zero_()
             torch.mm(d_after.t(), grad_z.t(), out=s_after)
-            grad_ghosts_t = grad_z.new_empty((ghosts, grad_z.shape[0]))
-            work = reduce_scatter_into(grad_ghosts_t, send, ctx.group, async_op=True)
+            grad_ghosts_t = start_reduce_scatter(send, ctx.group, ctx.size)
             if not ctx.overlap:
-                work.wait()
+                grad_ghosts_t = wait(grad_ghosts_t, grad_z.dtype)
 
         # Backward 3: everything that needs no remote data, while the reduce-scatter runs.
         grad_w = torch.mm(grad_z.t(), x) if need_w else None
@@ -109,8 +113,9 @@ class PhantomLinearFunction(torch.autograd.Function):
 
         # Backward 4: the ghosts' own gradient reaches the input and the compressor.
         grad_c = None
-        if work is not None:
-            work.wait()
+        if grad_ghosts_t is not None:
+            if ctx.overlap:
+                grad_ghosts_t = wait(grad_ghosts_t, grad_z.dtype)
             if need_x:
                 grad_x.addmm_(grad_ghosts_t.t(), compress)
             if need_c:

@@ -1,0 +1,81 @@
+"""torch.compile of phantom FFNs (issue 12): one graph, forward and backward, equal to eager.
+
+Every phantom layer kind is in the FFN: column-parallel first layer, phantom hidden
+layers (the fused operator with its ghost all-gather and reduce-scatter), row-parallel
+last layer. ``torch._dynamo.explain`` counts graph breaks; ``fullgraph=True`` would
+raise on one. Compiling is slow on this machine's two cores, so shapes are tiny and the
+variants share one process pool: ``aot_eager`` (Dynamo + AOTAutograd: the traced forward
+and backward graphs, run op by op) covers p = 2 and 4 with overlap on and off; inductor
+(generated C++ kernels, collectives lowered by the compiler) runs once, at p = 2.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import run_ranks
+
+SIZES = [6, 8, 12, 8, 5]  # first, two phantom hidden layers, last
+GHOSTS = [2, 3]
+
+
+def _step(model, x, params):
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    (out.square().sum() + out.sum()).backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in params.named_parameters()}
+
+
+def compiled_matches_eager(backend: str, overlaps, convert: bool = False):
+    """Eager and ``torch.compile(fullgraph=True)`` forward + backward on this rank, per overlap."""
+    import torch._dynamo
+
+    from lightning_phantom.nn.convert import to_phantom
+    from lightning_phantom.nn.layers import PhantomFFN
+
+    torch._dynamo.reset()
+    out = []
+    for overlap in overlaps:
+        torch.manual_seed(0)
+        if convert:  # a user's dense FFN, converted (svd)
+            dense = torch.nn.Sequential(*[m for i in range(len(SIZES) - 1) for m in (
+                torch.nn.Linear(SIZES[i], SIZES[i + 1]), torch.nn.GELU())][:-1])
+            eager = to_phantom(dense, GHOSTS, overlap=overlap)
+        else:
+            eager = PhantomFFN(SIZES, GHOSTS, activation="tanh", overlap=overlap)
+        compiled_module = copy.deepcopy(eager)
+        x = torch.randn(3, 4, SIZES[0])  # leading dimensions (B × T × d) are kept
+        explained = torch._dynamo.explain(compiled_module)(x.clone().requires_grad_(True))
+        compiled = torch.compile(compiled_module, backend=backend, fullgraph=True)
+        ref, got = _step(eager, x, eager), _step(compiled, x, compiled_module)
+        out.append({
+            "overlap": overlap,
+            "graph_breaks": explained.graph_break_count,
+            "graphs": explained.graph_count,
+            "out": (got[0] - ref[0]).abs().max().item(),
+            "x_grad": (got[1] - ref[1]).abs().max().item(),
+            "grads": {n: (got[2][n] - g).abs().max().item() for n, g in ref[2].items()},
+            "grads_nonzero": all(g.abs().sum() > 0 for g in ref[2].values()),
+        })
+    return out
+
+
+def _check(results):
+    for rank, per_rank in enumerate(results):
+        for r in per_rank:
+            assert (r["graph_breaks"], r["graphs"]) == (0, 1), f"rank {rank}: {r}"
+            assert r["out"] <= 1e-5, f"rank {rank}: {r}"
+            assert r["x_grad"] <= 1e-4 and max(r["grads"].values()) <= 1e-4, f"rank {rank}: {r}"
+            assert r["grads_nonzero"]
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_fullgraph_forward_backward_equals_eager(p):
+    _check(run_ranks(p, compiled_matches_eager, "aot_eager", [True, False], timeout=600))
+
+
+def test_converted_ffn_compiles_with_inductor():
+    _check(run_ranks(2, compiled_matches_eager, "inductor", [True], convert=True, timeout=900))
