@@ -102,7 +102,7 @@ def test_group_of_one_and_describe():
     (lambda: phantom_cost([8, 32, 32, 4], 4, 0, 1), "1 <= ghosts <= n_in/p = 32/4 = 8, got 0"),
     (lambda: phantom_cost([8, 32, 32, 4], 4, 9, 1), "32/4 = 8, got 9"),
     (lambda: phantom_cost([8, 32, 32, 32, 4], 4, [2], 1), "ghosts has 1 entries"),
-    (lambda: phantom_cost([8, 32, 32, 4], 4, 2.5, 1), "ghosts must be an int"),
+    (lambda: phantom_cost([8, 32, 32, 4], 4, 2.5, 1), "ghosts must be 'auto', 'full', a positive int"),
     (lambda: phantom_cost([8, 32, 32, 4], 0, 2, 1), "p must be an integer >= 1, got 0"),
     (lambda: phantom_cost([8, 4], 2, 1, 1), "at least 2 Linear layers"),
     (lambda: phantom_cost([8, 32, 32, 4], 4, 2, 0), "rows must be an integer >= 1"),

@@ -43,6 +43,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Sequence, Union
 
+from lightning_phantom._checks import positive_int
+from lightning_phantom.nn.ghosts import resolve_ghosts
+
 Collectives = tuple[tuple[str, int], ...]  # (collective kind, payload elements) per call
 
 
@@ -136,18 +139,12 @@ class StepCost(_ForwardBackward):
         return Counter(dict(self.collectives))
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _check_sizes(sizes, p: int, divisible: Sequence[int], why: str) -> list[int]:
     sizes = list(sizes)
     if len(sizes) < 2:
         raise ValueError(f"sizes must list at least [d_in, d_out] (one Linear layer), got {sizes}")
     for i, n in enumerate(sizes):
-        _check_int(f"sizes[{i}]", n, 1)
+        positive_int(f"sizes[{i}]", n, 1)
     for i in divisible:
         if sizes[i] % p:
             raise ValueError(
@@ -155,30 +152,6 @@ def _check_sizes(sizes, p: int, divisible: Sequence[int], why: str) -> list[int]
                 f"{why}. Use a multiple of {p} or another group size."
             )
     return sizes
-
-
-def _ghosts(ghosts: Union[int, Sequence[int]], sizes: list[int], p: int) -> list[int]:
-    hidden = len(sizes) - 3  # phantom layers are the L-2 layers between first and last
-    if isinstance(ghosts, int) and not isinstance(ghosts, bool):
-        per_layer = [ghosts] * hidden
-    elif isinstance(ghosts, (list, tuple)):
-        per_layer = list(ghosts)
-    else:
-        raise ValueError(f"ghosts must be an int or a list with one int per phantom layer, got {ghosts!r}")
-    if len(per_layer) != hidden:
-        raise ValueError(
-            f"ghosts has {len(per_layer)} entries but sizes={sizes} has {hidden} hidden phantom layers "
-            f"({len(sizes) - 1} Linear layers minus first and last); give one int or one value per "
-            "phantom layer"
-        )
-    for layer, k in enumerate(per_layer, start=1):
-        a = sizes[layer] // p
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= a:
-            raise ValueError(
-                f"ghosts for phantom layer {layer} must be an integer with 1 <= ghosts <= n_in/p = "
-                f"{sizes[layer]}/{p} = {a}, got {k!r}"
-            )
-    return per_layer
 
 
 def _all_reduce_bytes(p: int, numel: int, e: int) -> Fraction:
@@ -193,16 +166,16 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
     and nothing is communicated; with L = 2 Linear layers there is no phantom layer and
     the model is a Megatron column/row pair.
     """
-    p = _check_int("p", p, 1)
-    rows = _check_int("rows", rows, 1)
-    e = _check_int("element_size", element_size, 1)
+    p = positive_int("p", p, 1)
+    rows = positive_int("rows", rows, 1)
+    e = positive_int("element_size", element_size, 1)
     sizes = list(sizes)
     sizes = _check_sizes(sizes, p, range(1, len(sizes) - 1),
                          "every hidden width is split into n/p neurons per rank")
     if len(sizes) < 3:
         raise ValueError("a phantom FFN needs at least 2 Linear layers (column-parallel first, row-parallel "
                          f"last), got sizes={sizes}")
-    per_layer_ghosts = _ghosts(ghosts, sizes, p)
+    per_layer_ghosts = resolve_ghosts(ghosts, sizes[1:-2], p, f"sizes={sizes}")
     comm = p > 1  # a group of one bypasses every collective (comm.py)
     layers = []
 
@@ -262,9 +235,9 @@ def tp_cost(sizes: Sequence[int], p: int, rows: int, element_size: int = 4, *,
     number of layers the last is Colwise with its output gathered to Replicate. See the
     module docstring for how this was checked against DTensor.
     """
-    p = _check_int("p", p, 1)
-    rows = _check_int("rows", rows, 1)
-    e = _check_int("element_size", element_size, 1)
+    p = positive_int("p", p, 1)
+    rows = positive_int("rows", rows, 1)
+    e = positive_int("element_size", element_size, 1)
     sizes = list(sizes)
     n_layers = len(sizes) - 1
     # Colwise layers shard their outputs, Rowwise their inputs: every hidden width is
@@ -376,3 +349,13 @@ def compare(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]], row
         phantom_cost(sizes, p, ghosts, rows, element_size, input_requires_grad=input_requires_grad),
         tp_cost(sizes, p, rows, element_size, input_requires_grad=input_requires_grad),
     )
+
+
+def summary(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]) -> str:
+    """One line for a log: parameters per rank, and PP/TP communication and arithmetic per input row."""
+    try:
+        return compare(sizes, p, ghosts, rows=1).describe() + " (per input row, fp32)"
+    except ValueError as e:  # tensor parallelism cannot split it (e.g. d_out % p with an odd depth)
+        pp = phantom_cost(sizes, p, ghosts, rows=1)
+        return (f"params/rank {pp.params:,}, sent/rank/row {float(pp.sent_bytes):.4g} B "
+                f"(no TP comparison: {e})")

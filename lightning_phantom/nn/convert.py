@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_phantom.ops.comm import GroupInfo, all_gather_into
+from lightning_phantom.nn.ghosts import resolve_ghosts
 from lightning_phantom.nn.layers import (
-    ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard, ghosts_per_layer,
+    ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard,
 )
 
 
@@ -124,7 +125,7 @@ def to_phantom(module: nn.Sequential, ghosts, group=None, init: str = "svd", ove
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     info = GroupInfo.of(group)
-    ghost_iter = iter(ghosts_per_layer(ghosts, len(linears) - 2))
+    ghost_iter = iter(resolve_ghosts(ghosts, [lin.in_features for lin in linears[1:-1]], info.size, "to_phantom"))
     return PhantomFFN.from_layers(
         [_convert_child(child, linears, ghost_iter, info, overlap, random=init == "random") for child in module]
     )

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Literal, Optional, Union
 import torch
 import torch.distributed as dist
 
+from lightning_phantom._checks import positive_int
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -33,9 +35,7 @@ MESH_DIM_NAMES = ("data_parallel", "phantom_parallel")
 
 def check_size(name: str, value: object) -> Size:
     """``"auto"`` or a positive int, else a ValueError naming the argument."""
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return value  # type: ignore[return-value]
-    raise ValueError(f"{name} must be 'auto' or a positive integer, got {value!r}")
+    return "auto" if value == "auto" else positive_int(name, value, also="'auto'")
 
 
 @dataclass(frozen=True)
