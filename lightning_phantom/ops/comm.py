@@ -109,7 +109,7 @@ class _GatherGhosts(torch.autograd.Function):
     """All-gather along dim 0 forward; reduce-scatter of the gradient backward.
 
     Every rank consumes every rank's ghosts, so a ghost's gradient is the sum over ranks
-    of what each consumer sends back: exactly a reduce-scatter (PHANTOM.md, "Backward" 2).
+    of what each consumer sends back: exactly a reduce-scatter (docs/operator.md §4, Backward step 2).
     """
 
     @staticmethod

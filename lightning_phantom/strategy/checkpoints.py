@@ -10,7 +10,7 @@ old one is renamed to ``previous_path(path)`` first, and ``load_checkpoint`` fal
 if the crash came between the two renames.
 
 ``reshard_checkpoint`` turns a checkpoint of phantom groups of p ranks into one for p/m
-ranks with ``merge_shards`` (PHANTOM.md, "Exact re-sharding"): the model computes exactly
+ranks with ``merge_shards`` (docs/operator.md §7): the model computes exactly
 the same function, so a job that lost a node continues on the ranks it has left.
 """
 

@@ -85,7 +85,7 @@ _BUCKET_NUMEL = 1 << 25  # elements per flat buffer when coalescing collectives 
 
 
 class PhantomStrategy(ParallelStrategy):
-    """Phantom parallelism (PHANTOM.md) for every FFN of a ``LightningModule``, data-parallel around it.
+    """Phantom parallelism (docs/operator.md) for every FFN of a ``LightningModule``, data-parallel around it.
 
     Arguments:
         ghosts: ghosts per rank of each phantom layer. ``"auto"`` (default): ``min(32, n_in/p)``
