@@ -1,6 +1,6 @@
 """The analytic cost model (lightning_phantom.cost.model) and its check against counted bytes and FLOPs.
 
-The table tests hold ``cost`` to PHANTOM.md's cost table; the distributed tests hold it to
+The table tests hold ``cost`` to the cost table of docs/operator.md §8; the distributed tests hold it to
 what ``CommCounter`` and ``FlopCounterMode`` count for one forward + backward of a
 ``PhantomFFN`` on gloo ranks. The TP side is checked in test_tensor_parallel.py.
 """

@@ -1,4 +1,4 @@
-"""The phantom operator against the dense model it stands for (PHANTOM.md, "What the project must show")."""
+"""The phantom operator against the dense model it stands for (docs/operator.md §9)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ SIZES = [6, 8, 12, 8, 3]  # column 6→8, phantom 8→12 and 12→8, row 8→3
 
 
 def dense_from_formula(ffn: lp.PhantomFFN) -> list[torch.Tensor]:
-    """W of every Linear, assembled here from the gathered shards exactly as PHANTOM.md writes it:
+    """W of every Linear, assembled here from the gathered shards exactly as docs/operator.md §2 writes it:
     W_ii = L_i, W_ij = D_ij C_j (an independent check of to_dense/merge_shards)."""
     shards = lpnn.gather_shards(ffn)
     p = len(shards)

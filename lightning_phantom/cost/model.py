@@ -13,7 +13,7 @@ comparison checks one against the other.
 
 FLOPs are 2·MACs, which is what ``torch.utils.flop_counter.FlopCounterMode`` counts for
 mm/addmm. Bias additions (rows·n_out per layer) are in neither: FlopCounterMode does
-not count them and the table of PHANTOM.md leaves them out.
+not count them and the table of docs/operator.md §8 leaves them out.
 
 What DTensor actually issues for ``parallelize_ffn`` (lightning_phantom.app.tensor_parallel),
 counted with ``CommCounter`` on gloo (p = 1, 2, 4; directly and inside Lightning's
@@ -179,7 +179,7 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
     comm = p > 1  # a group of one bypasses every collective (comm.py)
     layers = []
 
-    # First layer (PHANTOM.md l.71-75, column-parallel): c outputs from the whole input;
+    # First layer (docs/operator.md §5, column-parallel): c outputs from the whole input;
     # the input gradient is an all-reduce of the ranks' partial gradients.
     d_in, c = sizes[0], sizes[1] // p
     fwd = rows * c * d_in
@@ -192,7 +192,7 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
         collectives_fwd=(), collectives_bwd=(("all_reduce", rows * d_in),) if grad_in else (),
     ))
 
-    # Hidden phantom layers (PHANTOM.md l.32-65).
+    # Hidden phantom layers (docs/operator.md §2–§4).
     for layer, k in enumerate(per_layer_ghosts, start=1):
         n_in, n_out = sizes[layer], sizes[layer + 1]
         a, c = n_in // p, n_out // p
@@ -200,21 +200,21 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
             layers.append(LayerCost("phantom", n_in, n_out, k, c * a + c, rows * c * a, 2 * rows * c * a,
                                     Fraction(0), Fraction(0), (), ()))
             continue
-        # Parameters (l.36-39): L_i (c×a) + b_i (c) + C_i (k×a) + D_ij for j≠i ((p-1) × c×k).
+        # Parameters (§2): L_i (c×a) + b_i (c) + C_i (k×a) + D_ij for j≠i ((p-1) × c×k).
         params = c * a + c + k * a + c * (p - 1) * k
-        # Forward 1, 3, 4 (l.47, 50, 51): ghosts X_i C_iᵀ (k·a), local block (c·a) and the
+        # Forward 1, 3, 4 (§3): ghosts X_i C_iᵀ (k·a), local block (c·a) and the
         # p-1 decompressions G_j D_ijᵀ (k·c) per row.
         fwd = rows * (c * a + k * a + (p - 1) * k * c)
-        # Forward 2 (l.48): all_gather of B×k ghosts; Backward 2 (l.58): reduce_scatter of
-        # the p×B×k buffer. Each sends (p-1)·B·k values, 2·(p-1)·k per row in all (l.109).
+        # Forward 2 (§3): all_gather of B×k ghosts; Backward 2 (§4): reduce_scatter of
+        # the p×B×k buffer. Each sends (p-1)·B·k values, 2·(p-1)·k per row in all (§8).
         sent = Fraction((p - 1) * rows * k * e)
         layers.append(LayerCost(
-            "phantom", n_in, n_out, k, params=params, macs_fwd=fwd, macs_bwd=2 * fwd,  # l.113
+            "phantom", n_in, n_out, k, params=params, macs_fwd=fwd, macs_bwd=2 * fwd,  # §8
             sent_bytes_fwd=sent, sent_bytes_bwd=sent,
             collectives_fwd=(("all_gather", rows * k),), collectives_bwd=(("reduce_scatter", p * rows * k),),
         ))
 
-    # Last layer (l.76-78, row-parallel): Y = all_reduce(Σ_i X_i W_out,iᵀ) + b_out with b_out
+    # Last layer (§5, row-parallel): Y = all_reduce(Σ_i X_i W_out,iᵀ) + b_out with b_out
     # replicated; backward is the identity, so no collective.
     a, d_out = sizes[-2] // p, sizes[-1]
     fwd = rows * d_out * a
@@ -291,7 +291,7 @@ class Comparison:
 
     Ratios are PP/TP, exact, and None where TP's figure is 0 (e.g. p = 1 communication).
     ``per_layer[l]`` compares layer l; for a hidden layer with n_in = n_out = n it is
-    PHANTOM.md's table: communication p·k/n, arithmetic 1/p + p·k/n.
+    the table of docs/operator.md §8: communication p·k/n, arithmetic 1/p + p·k/n.
     """
 
     phantom: StepCost

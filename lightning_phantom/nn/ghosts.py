@@ -1,6 +1,6 @@
 """The ghosts setting, interpreted in one place: ``resolve_ghosts``.
 
-A phantom layer's ghosts are how many values each rank compresses its neurons into (docs/operator.md).
+A phantom layer's ghosts are how many values each rank compresses its neurons into (docs/operator.md §2).
 Users say it as a count, a list with one per phantom layer, ``"auto"`` or ``"full"``; every
 layer of the package — ``PhantomLinear``, ``PhantomFFN``, ``to_phantom``, the cost model, the
 strategy's plans and the app's pre-spawn check — turns that into counts with ``resolve_ghosts``.

@@ -1,7 +1,7 @@
 """Phantom-parallel layers: this rank's shard of each layer of an FFN.
 
 * ``ColumnParallelLinear`` — first layer: replicated input, this rank's c output neurons.
-* ``PhantomLinear`` — hidden layer: local block + compressor + decompressors (PHANTOM.md).
+* ``PhantomLinear`` — hidden layer: local block + compressor + decompressors (docs/operator.md §2).
 * ``RowParallelLinear`` — last layer: partial products summed over the group, full output.
 * ``PhantomFFN`` — an ``nn.Sequential`` of those with element-wise activations between,
   so a converted model keeps the state-dict keys (``0.weight``, ``2.compress`` …) and the
@@ -178,7 +178,7 @@ class RowParallelLinear(_Shard):
 
 
 class PhantomLinear(_Shard):
-    """One hidden phantom layer, this rank's shard (PHANTOM.md, "Parameters held by rank i").
+    """One hidden phantom layer, this rank's shard (docs/operator.md §2).
 
     ``weight`` is L_i (c × a), ``bias`` b_i (c), ``compress`` C_i (ghosts × a) and
     ``decompress`` the decompressors [D_ij]_{j≠i} side by side (c × (p−1)·ghosts). With a

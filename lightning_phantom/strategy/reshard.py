@@ -1,4 +1,4 @@
-"""Re-sharding a checkpoint to smaller phantom groups, exactly (docs/operator.md, exact re-sharding).
+"""Re-sharding a checkpoint to smaller phantom groups, exactly (docs/operator.md §7).
 
 ``reshard_checkpoint`` turns a checkpoint of phantom groups of p ranks into one for p/m
 ranks with ``merge_shards``: the model computes exactly the same function, so a job that
