@@ -199,7 +199,7 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
-    import lightning_phantom  # noqa: F401  registers strategy="phantom"
+    import lightning_phantom.strategy  # noqa: F401  registers strategy="phantom"
     from lightning_phantom.app.compare import RunRecorder
 
     run_dir = Path(run_dir or os.getcwd())

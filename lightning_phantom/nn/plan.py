@@ -56,7 +56,7 @@ class PhantomPlan:
             ghosts = check_spec(self.ghosts)
         object.__setattr__(self, "ghosts", ghosts)
         if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+            raise ValueError(f"init must be 'svd' or 'random', got {self.init!r}")
         object.__setattr__(self, "overlap", bool(self.overlap))
 
     @property

@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,12 +29,23 @@ from lightning_phantom.strategy.storage import (
     SafeFileSystemReader, discard, previous_path, publish, save_durably, staging_path,
 )
 
-if TYPE_CHECKING:
-    from lightning_phantom.strategy.phantom import PhantomStrategy
-
 META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
 FORMAT_VERSION = 1
 _SHARD_TAG = re.compile(r"^(?P<name>.+)\|phantom(?P<rank>\d+)/(?P<size>\d+)$")
+
+
+class CheckpointingStrategy(Protocol):
+    """What saving and loading use of ``PhantomStrategy``."""
+
+    layout: Any  # PhantomLayout
+    phantom_group: Any
+    lightning_module: Any
+    optimizers: list[Optimizer]
+    is_global_zero: bool
+
+    def barrier(self, name: Optional[str] = None) -> None: ...
+
+    def shard_keys(self) -> dict[str, str]: ...
 
 
 # ---------------------------------------------------------------- keys
@@ -97,7 +108,7 @@ def _split_tensors(state_dict: dict[str, Any], optimizer_states: list[dict[str, 
 
 
 # ---------------------------------------------------------------- saving
-def save(strategy: "PhantomStrategy", checkpoint: dict[str, Any], path: Path) -> None:
+def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path) -> None:
     """Write Lightning's ``checkpoint`` (state dicts already keyed by ``shard_keys``) to ``path``; collective."""
     layout = strategy.layout
     # Written beside its name and swapped in once every rank is done: a crash before that
@@ -152,7 +163,7 @@ def read_meta(path: Path, weights_only: bool = True) -> tuple[dict[str, Any], di
     return metadata, info
 
 
-def load(strategy: "PhantomStrategy", path: Path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+def load(strategy: CheckpointingStrategy, path: Path, weights_only: Optional[bool] = None) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into the strategy's module and optimizers, in place; collective.
 
     Returns Lightning's part of ``meta.pt`` (loops, schedulers, callbacks).

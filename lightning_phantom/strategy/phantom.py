@@ -60,7 +60,7 @@ from lightning_phantom.ops.comm import broadcast_tensors
 from lightning_phantom.strategy import checkpoints
 from lightning_phantom.strategy.data_parallel import average_gradients, sync_replicas
 from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
-from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size
+from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
 from lightning_phantom.strategy.precision import global_grad_norm, phantom_precision
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class PhantomStrategy(ParallelStrategy):
         self._data_parallel_size = check_size("data_parallel_size", data_parallel_size)
         #: The sharding request, checked here so that a bad one fails before any process starts.
         self.plan = PhantomPlan(ghosts, init, overlap)
-        self._timeout = _check_timeout(timeout)
+        self._timeout = check_timeout(timeout)
         self._detect_non_finite = bool(detect_non_finite)
         if process_group_backend is not None and not isinstance(process_group_backend, str):
             raise ValueError(f"process_group_backend must be a name such as 'nccl' or 'gloo', got "
@@ -437,15 +437,3 @@ class PhantomStrategy(ParallelStrategy):
 StrategyRegistry.register(PhantomStrategy.strategy_name, PhantomStrategy, override=True,
                           description="Phantom parallelism: FFNs sharded over phantom groups that exchange "
                           "only ghost neurons, data-parallel across groups")
-
-
-def _check_timeout(timeout: Any) -> Optional[timedelta]:
-    if timeout is None:
-        return None
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        timeout = timedelta(seconds=timeout)
-    if not isinstance(timeout, timedelta):
-        raise ValueError(f"timeout must be a datetime.timedelta or a number of seconds, got {timeout!r}")
-    if timeout.total_seconds() <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout.total_seconds()} s")
-    return timeout
