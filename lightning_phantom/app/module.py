@@ -53,11 +53,15 @@ class FFNModule(pl.LightningModule):
         activation: a name from ``lightning_phantom.nn.layers.ACTIVATIONS``.
         lr, weight_decay: Adam's.
         fused: fused Adam (one pass per parameter), several times faster than the default on CPU.
+        compile: ``torch.compile`` the FFN once it is sharded, for strategy=tp here (after
+            ``parallelize_ffn``); strategy=phantom compiles its shards itself (``PhantomStrategy(compile=)``,
+            which ``conf/strategy/phantom.yaml`` ties to this setting), so ``model.compile=true``
+            compiles either side of a comparison.
     """
 
     def __init__(self, input_size: int, output_size: int, task: str = "regression", width: int = 512,
                  depth: int = 4, activation: str = "relu", lr: float = 1e-3, weight_decay: float = 0.0,
-                 fused: bool = True) -> None:
+                 fused: bool = True, compile: bool = False) -> None:
         super().__init__()
         for name, value, low in (("input_size", input_size, 1), ("output_size", output_size, 1),
                                  ("width", width, 1), ("depth", depth, 0)):
@@ -82,7 +86,7 @@ class FFNModule(pl.LightningModule):
     def configure_model(self) -> None:
         strategy = self._trainer.strategy if self._trainer is not None else None
         if not isinstance(strategy, ModelParallelStrategy):
-            return  # PhantomStrategy converts `net` itself after this hook; DDP keeps it dense
+            return  # PhantomStrategy converts (and compiles) `net` itself after this hook; DDP keeps it dense
         from torch.distributed.tensor import DTensor
 
         from lightning_phantom.app.tensor_parallel import parallelize_ffn
@@ -96,6 +100,10 @@ class FFNModule(pl.LightningModule):
             from torch.distributed.fsdp import fully_shard
 
             fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+        if self.hparams.compile:
+            from lightning_phantom.nn.compiling import compile_options
+
+            self.net.compile(**compile_options(True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

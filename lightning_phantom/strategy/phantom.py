@@ -53,6 +53,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from lightning_phantom.cost.model import summary
+from lightning_phantom.nn.compiling import CompileRequest, compile_ffns, compile_options
 from lightning_phantom.nn.convert import to_phantom
 from lightning_phantom.nn.layers import PhantomFFN, set_group, sharded_parameters
 from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan, plan_module
@@ -92,6 +93,8 @@ class PhantomStrategy(ParallelStrategy):
             every rank stops with a ``NonFiniteError`` naming the step, ranks and tensors as soon as a
             loss or gradient is NaN/Inf, before the optimizer step and any later checkpoint.
         process_group_backend: ``"nccl"``, ``"gloo"``, …; by default the device's.
+        compile: ``torch.compile`` each PhantomFFN after sharding (in place, one graph forward and
+            backward, ``fullgraph=True``): ``True``, or a dict of ``torch.compile`` arguments.
     """
 
     strategy_name = "phantom"
@@ -110,6 +113,7 @@ class PhantomStrategy(ParallelStrategy):
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment=None,
         precision_plugin: Optional[Precision] = None,
+        compile: CompileRequest = False,
     ) -> None:
         self._phantom_parallel_size = check_size("phantom_parallel_size", phantom_parallel_size)
         self._data_parallel_size = check_size("data_parallel_size", data_parallel_size)
@@ -117,6 +121,7 @@ class PhantomStrategy(ParallelStrategy):
         self.plan = PhantomPlan(ghosts, init, overlap)
         self._timeout = check_timeout(timeout)
         self._detect_non_finite = bool(detect_non_finite)
+        self._compile = compile_options(compile)
         if process_group_backend is not None and not isinstance(process_group_backend, str):
             raise ValueError(f"process_group_backend must be a name such as 'nccl' or 'gloo', got "
                              f"{process_group_backend!r}")
@@ -254,6 +259,7 @@ class PhantomStrategy(ParallelStrategy):
         # Before sharding, so that an SVD conversion sees the weights in the precision they train in.
         self.model = self.precision_plugin.convert_module(self.model)
         self._shard(self.lightning_module)
+        compile_ffns(self.lightning_module, self._compile)
         self.model_to_device()
         sync_replicas(self.lightning_module, self.layout, self.data_parallel_group)
         self.barrier()
