@@ -79,3 +79,54 @@ def test_fullgraph_forward_backward_equals_eager(p):
 
 def test_converted_ffn_compiles_with_inductor():
     _check(run_ranks(2, compiled_matches_eager, "inductor", [True], convert=True, timeout=900))
+
+
+# --- PhantomStrategy(compile=...) ------------------------------------------------------
+
+def strategy_fit(compile_request):
+    """Four SGD steps of a plain user module under PhantomStrategy; the losses and how ``net`` ended up."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import lightning_phantom as lp
+    from test_strategy import Recorder, Regression, dataset, make_trainer
+
+    L.seed_everything(0)
+    model, recorder = Regression(), Recorder()
+    trainer = make_trainer(devices=2, strategy=lp.PhantomStrategy(ghosts=2, compile=compile_request), max_steps=4,
+                           callbacks=[recorder])
+    trainer.fit(model, DataLoader(dataset(), batch_size=8))
+    return {"losses": recorder.losses, "compiled": getattr(model.net, "_compiled_call_impl", None) is not None,
+            "ffn": type(model.net).__name__, "keys": sorted(model.state_dict())}
+
+
+def test_strategy_compiles_each_phantom_ffn_after_sharding():
+    eager = run_ranks(2, strategy_fit, False)
+    compiled = run_ranks(2, strategy_fit, {"backend": "aot_eager"}, timeout=600)
+    for e, c in zip(eager, compiled):
+        assert (e["ffn"], c["ffn"]) == ("PhantomFFN", "PhantomFFN")
+        assert (e["compiled"], c["compiled"]) == (False, True)
+        assert c["keys"] == e["keys"]  # compiled in place: checkpoints see the same names
+        assert c["losses"] == pytest.approx(e["losses"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("request_, exc, words", [
+    ("yes", TypeError, ["compile must be True, False or a dict", "'yes'"]),
+    ({"fullgrph": True}, ValueError, ["['fullgrph']", "torch.compile does not take", "fullgraph"]),
+])
+def test_bad_compile_request_fails_in_the_constructor(request_, exc, words):
+    import lightning_phantom as lp
+
+    with pytest.raises(exc) as info:
+        lp.PhantomStrategy(compile=request_)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_compile_options():
+    from lightning_phantom.nn.compiling import compile_options
+
+    assert compile_options(False) is None and compile_options(None) is None
+    assert compile_options(True) == {"fullgraph": True}
+    assert compile_options({"mode": "max-autotune", "fullgraph": False}) == {"mode": "max-autotune",
+                                                                             "fullgraph": False}
