@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,7 @@ class Batches:
     ahead (Lightning prefetches to know which batch is the last).
     """
 
-    def __init__(self, rows: int, batch_size: int, phantom: int) -> None:
+    def __init__(self, rows: int, batch_size: int, phantom: Union[int, str]) -> None:
         self.x, self.y = dataset(rows)
         self.batch_size, self.phantom = batch_size, phantom
         self.trainer: Optional[L.Trainer] = None
@@ -57,7 +57,8 @@ class Batches:
 
     def _replica(self) -> tuple[int, int]:
         world, rank = dist.get_world_size(), dist.get_rank()
-        return rank // self.phantom, world // self.phantom
+        phantom = self.trainer.strategy.layout.phantom if self.phantom == "auto" else self.phantom
+        return rank // phantom, world // phantom
 
     def __len__(self) -> int:
         _, replicas = self._replica()
@@ -130,6 +131,9 @@ class Steps(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._look(trainer, pl_module)  # right after a resume: what the checkpoint computes
+        group = dist.get_process_group_ranks(trainer.strategy.phantom_group)
+        say(f"rank {trainer.global_rank} node {trainer.node_rank} phantom group {group} "
+            f"layout {trainer.strategy.layout}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"].item()
@@ -171,7 +175,7 @@ def _crash_in_save(trainer_box: list, step: int) -> None:
     dcp.save = save
 
 
-def job(devices: int = 2, num_nodes: int = 1, phantom: int = 2, steps: int = 12, rows: int = 64,
+def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, steps: int = 12, rows: int = 64,
         batch_size: int = 8, optimizer: str = "adam", lr: float = 0.02, ckpt_dir: Optional[str] = None,
         every: int = 3, resume: Optional[str] = None, timeout: float = 60.0, kill_at: Optional[int] = None,
         crash_in_save: Optional[int] = None, slow: float = 0.0, ghosts: Any = "auto",
@@ -204,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--num-nodes", type=int, default=1)
-    parser.add_argument("--phantom", type=int, default=2)
+    parser.add_argument("--phantom", type=lambda v: v if v == "auto" else int(v), default=2)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     parser.add_argument("--lr", type=float, default=0.02)
