@@ -7,12 +7,19 @@ The torchrun run on two loopback "nodes" is in tests/test_failures.py (``two_nod
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
+from pathlib import Path
+
 import lightning as L
 import pytest
 
 import lightning_phantom as lp
 from lightning_phantom.app.cli import CONF_DIR, check_config
 from lightning_phantom.strategy.layout import PhantomLayout
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_trainer(**kwargs) -> L.Trainer:
@@ -54,3 +61,17 @@ def test_the_app_resolves_the_same_layout_before_processes_start():
                                                  "strategy.phantom_parallel_size=4"]))
     assert (default.strategy, default.group_size, default.data_parallel) == ("phantom", 2, 2)
     assert (across.group_size, across.data_parallel) == (4, 1)
+
+
+# ------------------------------------------------------------------ GPU checks, dry run
+def test_gpu_cluster_checks_dry_run_trains_and_notices_a_killed_peer(tmp_path, monkeypatch):
+    """benchmarks/gpu_cluster_checks.py on CPU/gloo: what benchmarks/gpu.py runs under NCCL."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    checks = importlib.import_module("gpu_cluster_checks")
+    results = {r.check: r for r in checks.run_checks(dry_run=True, workdir=tmp_path, timeout=60, hang=False)}
+    assert list(results) == ["nccl_training", "dead_peer_sigkill"]
+    assert all(r.ok for r in results.values()), {k: r.detail for k, r in results.items()}
+    assert results["nccl_training"].facts["ranks"] == 2
+    assert "TORCH_DISTRIBUTED_DEBUG" not in os.environ  # set for the job only
+    assert results["dead_peer_sigkill"].facts["noticed_after_s"] < 60  # gloo sees the closed socket
+    assert re.search(checks.PEER_FAILED, (tmp_path / "dead_peer_sigkill.log").read_text())
