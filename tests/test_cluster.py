@@ -10,10 +10,14 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
+from conftest import run_ranks
+from lightning.pytorch.callbacks import Callback
 
 import lightning_phantom as lp
 from lightning_phantom.app.cli import CONF_DIR, check_config
@@ -75,3 +79,97 @@ def test_gpu_cluster_checks_dry_run_trains_and_notices_a_killed_peer(tmp_path, m
     assert "TORCH_DISTRIBUTED_DEBUG" not in os.environ  # set for the job only
     assert results["dead_peer_sigkill"].facts["noticed_after_s"] < 60  # gloo sees the closed socket
     assert re.search(checks.PEER_FAILED, (tmp_path / "dead_peer_sigkill.log").read_text())
+
+
+# ------------------------------------------------------------------ 16-mixed: one decision for the world
+class Overflow(Callback):
+    """Rank 1's gradient of ``net.2.compress`` (its shard) becomes Inf at ``step`` (an fp16 overflow on one rank only);
+    records per step the loss scale after it and whether the weights moved."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.scales: list[float] = []
+        self.moved: list[bool] = []
+
+    def on_train_start(self, trainer, pl_module):
+        def hook(grad):
+            if trainer.global_step == self.step and trainer.global_rank == 1:
+                grad = grad.clone()
+                grad.view(-1)[0] = float("inf")
+            return grad
+
+        pl_module.net[2].compress.register_hook(hook)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+        self.moved.append(any(not torch.equal(a, p) for a, p in zip(self._before, pl_module.parameters())))
+
+
+@contextmanager
+def _fp16_on_cpu():
+    """16-mixed is refused on CPU (slow there, never the point): lifted while a test runs the CUDA code path."""
+    from lightning_phantom.strategy import precision
+
+    refuse = precision.check_precision
+    precision.check_precision = lambda plugin: None
+    try:
+        yield
+    finally:
+        precision.check_precision = refuse  # the rank pool outlives the test
+
+
+def replicated_names(module) -> list[str]:
+    from lightning_phantom.nn.layers import sharded_parameters
+
+    sharded = {id(p) for p in sharded_parameters(module)}
+    return [name for name, p in module.named_parameters() if id(p) not in sharded]
+
+
+def train_16_mixed(optimizer: str, data: int, clip: float = 0.0, steps: int = 4, overflow_at: int = 1):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from scripts.train import Batches, Regression
+
+    L.seed_everything(0, verbose=False)
+    model = Regression(optimizer, lr=0.02)
+    loader = Batches(rows=64, batch_size=8, phantom=2 // data)
+    overflow = Overflow(overflow_at)
+    with _fp16_on_cpu():
+        trainer = make_trainer(devices=2, max_steps=steps, callbacks=[overflow], gradient_clip_val=clip,
+                               plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", 2.0 ** 10))],
+                               strategy=lp.PhantomStrategy(data_parallel_size=data))
+    loader.trainer = trainer
+    trainer.fit(model, loader)
+    return {"scales": overflow.scales, "moved": overflow.moved, "replicated": replicated_names(model),
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "fused-adam"])
+def test_16_mixed_overflow_on_one_rank_is_skipped_by_every_rank(optimizer):
+    """Inf in rank 1's gradient only: both ranks skip that step and halve their scale; replicas stay equal.
+
+    With a fused optimizer Lightning does not call ``scaler.unscale_``: ``GradScaler.step`` checks each
+    device itself (``_check_inf_per_device``), which must be synchronised too. The guard, on by default,
+    leaves the overflow to the scaler.
+    """
+    ranks = run_ranks(2, train_16_mixed, optimizer, data=1)  # phantom(2): the inf stays in rank 1's shard
+    for r in ranks:
+        assert r["moved"] == [True, False, True, True]
+        assert r["scales"] == [1024.0, 512.0, 512.0, 512.0]
+    assert "net.4.bias" in ranks[0]["replicated"]
+    for name in ranks[0]["replicated"]:
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+
+
+def test_16_mixed_clipping_works_with_a_fused_optimizer():
+    """Clipping needs unscaled gradients; a fused optimizer unscales inside its step, so the strategy
+    unscales first when (only when) it clips. Same result as the unfused Adam, and clipping did clip."""
+    fused, plain, unclipped = (run_ranks(2, train_16_mixed, optimizer, data=1, clip=clip, overflow_at=-1)
+                               for optimizer, clip in (("fused-adam", 0.05), ("adam", 0.05), ("fused-adam", 0.0)))
+    for a, b, c in zip(fused, plain, unclipped):
+        assert a["moved"] == [True] * 4 and a["scales"] == [1024.0] * 4
+        for key, value in a["state"].items():
+            torch.testing.assert_close(value, b["state"][key], rtol=1e-5, atol=1e-6)
+        assert any(not torch.allclose(value, c["state"][key]) for key, value in a["state"].items())
