@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 import time
 import types
@@ -33,24 +34,37 @@ from lightning_phantom.energy.meters import (
 class FakeGpu:
     def __init__(self, uuid: str, energy_mJ: int | None = 1_000_000, power_mW: int = 100_000) -> None:
         self.uuid, self.energy_mJ, self.power_mW = uuid, energy_mJ, power_mW
+        self.energy_error: str | None = None  # e.g. "NoPermission": reading the counter raises it
 
 
-def fake_nvml(gpus: list[FakeGpu], events: list[str] | None = None) -> types.ModuleType:
-    """A module with the slice of the pynvml API the meters use."""
+def fake_nvml(gpus: list[FakeGpu], events: list[str] | None = None,
+              init_error: str | None = None) -> types.ModuleType:
+    """A module with the slice of the pynvml API the meters use, and pynvml's error classes."""
     nvml = types.ModuleType("pynvml")
     nvml.NVMLError = type("NVMLError", (Exception,), {})
-    nvml.NVMLError_NotSupported = type("NVMLError_NotSupported", (nvml.NVMLError,), {})
+    for name in ("NotSupported", "NoPermission", "NotFound", "LibraryNotFound", "GpuIsLost"):
+        setattr(nvml, f"NVMLError_{name}", type(f"NVMLError_{name}", (nvml.NVMLError,), {}))
     nvml.inits = 0
     events = [] if events is None else events
 
     def init():
+        if init_error:
+            raise getattr(nvml, f"NVMLError_{init_error}")("as pynvml says it")
         nvml.inits += 1
 
     def energy(gpu):
         events.append("energy")
+        if gpu.energy_error:
+            raise getattr(nvml, f"NVMLError_{gpu.energy_error}")("as pynvml says it")
         if gpu.energy_mJ is None:
             raise nvml.NVMLError_NotSupported("no counter")
         return gpu.energy_mJ
+
+    def by_uuid(uuid):
+        found = [g for g in gpus if g.uuid == uuid]
+        if not found:
+            raise nvml.NVMLError_NotFound("Not Found")
+        return found[0]
 
     def power(gpu):
         if gpu.power_mW is None:
@@ -60,7 +74,7 @@ def fake_nvml(gpus: list[FakeGpu], events: list[str] | None = None) -> types.Mod
     nvml.nvmlInit, nvml.nvmlShutdown = init, lambda: None
     nvml.nvmlDeviceGetCount = lambda: len(gpus)
     nvml.nvmlDeviceGetHandleByIndex = lambda i: gpus[i]
-    nvml.nvmlDeviceGetHandleByUUID = lambda u: next(g for g in gpus if g.uuid == u)
+    nvml.nvmlDeviceGetHandleByUUID = by_uuid
     nvml.nvmlDeviceGetUUID = lambda g: g.uuid.encode()  # old pynvml returns bytes
     nvml.nvmlDeviceGetTotalEnergyConsumption = energy
     nvml.nvmlDeviceGetPowerUsage = power
@@ -192,6 +206,74 @@ def test_nvml_device_selection_errors_say_what_was_given(visible, torch_index, m
     nvml = fake_nvml([FakeGpu(uuid) for uuid in GPUS])
     with pytest.raises(ValueError, match=message):
         nvml_device_handle(nvml, torch_index, visible)
+
+
+# CUDA numbers GPUs fastest first, NVML by PCI bus: on a node whose GPU at PCI slot 0 is the
+# slow one, torch's cuda:0 is NVML's GPU 1.
+NVML_ORDER = ["GPU-5105-slow", "GPU-f457-fast", "GPU-f458-fast"]
+TORCH_ORDER = ["f457-fast", "f458-fast", "5105-slow"]  # torch's uuid has no "GPU-" prefix
+
+
+@pytest.mark.parametrize("visible, torch_index, expected", [
+    (None, 0, "GPU-f457-fast"),
+    (None, 2, "GPU-5105-slow"),
+    ("1,2", 0, "GPU-f458-fast"),  # torch's uuid of cuda:0 is then TORCH_ORDER[1]
+])
+def test_nvml_device_is_found_by_torch_s_uuid_whatever_the_order(visible, torch_index, expected):
+    nvml = fake_nvml([FakeGpu(uuid) for uuid in NVML_ORDER])
+    visible_order = TORCH_ORDER if visible is None else [TORCH_ORDER[int(i)] for i in visible.split(",")]
+    handle = nvml_device_handle(nvml, torch_index, visible, torch_uuid=visible_order[torch_index])
+    assert handle.uuid == expected
+    with pytest.raises(ValueError, match=r"cuda:0 is the GPU with UUID 0000.*NVML knows no such GPU; it lists "
+                                         r"\['GPU-5105-slow', 'GPU-f457-fast', 'GPU-f458-fast'\]"):
+        nvml_device_handle(nvml, 0, None, torch_uuid="0000")
+
+
+def test_monitor_reads_the_gpu_torch_trains_on_when_nvml_orders_them_otherwise(monkeypatch, tmp_path):
+    gpus = [FakeGpu(uuid) for uuid in NVML_ORDER]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(gpus))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=TORCH_ORDER[i]))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monitor = EnergyMonitor(meter="nvml", powercap_root=tmp_path)
+    monitor.setup(_stub_trainer(torch.device("cuda", 0)), None, "fit")
+    assert monitor._meter.uuid == "GPU-f457-fast"
+    monitor._meter.start()
+    gpus[0].energy_mJ += 9_000  # NVML's GPU 0: not the one torch trains on
+    gpus[1].energy_mJ += 2_000
+    assert monitor._meter.read() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("meter", ["nvml", "auto"])
+def test_an_nvml_permission_error_is_a_clear_error_or_an_auto_fallback_saying_why(monkeypatch, tmp_path, meter):
+    gpus = [FakeGpu(uuid) for uuid in NVML_ORDER]
+    gpus[1].energy_error = "NoPermission"
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=TORCH_ORDER[i]))
+    monitor = EnergyMonitor(meter=meter, powercap_root=tmp_path)
+    why = (r"NVML could not read the energy counter of GPU GPU-f457-fast: NVMLError_NoPermission \(as pynvml says "
+           r"it\): this user may not query the GPU; check that the NVIDIA driver is loaded")
+    if meter == "nvml":
+        with pytest.raises(RuntimeError, match=why):
+            monitor.setup(_stub_trainer(torch.device("cuda", 0)), None, "fit")
+        return
+    with pytest.warns(UserWarning, match="uses meter='estimate': the Trainer runs on CUDA GPUs but NVML cannot "
+                                         "measure them") as record:
+        monitor.setup(_stub_trainer(torch.device("cuda", 0)), None, "fit")
+    assert monitor.kind == "estimate" and len(record) == 1 and re.search(why, str(record[0].message))
+
+
+def test_every_nvml_failure_says_what_failed_and_what_to_do():
+    with pytest.raises(RuntimeError, match=r"NVML could not start \(nvmlInit\): NVMLError_LibraryNotFound .*"
+                                           r"or use meter='auto', 'rapl' or 'estimate'"):
+        load_nvml(fake_nvml([], init_error="LibraryNotFound"))
+    gpu = FakeGpu("GPU-a")
+    meter = NvmlMeter(fake_nvml([gpu]), gpu)
+    meter.start()
+    gpu.energy_error = "GpuIsLost"  # mid-run
+    with pytest.raises(RuntimeError, match=r"NVML could not read the energy counter of GPU GPU-a: "
+                                           r"NVMLError_GpuIsLost"):
+        meter.read()
 
 
 def test_a_shared_gpu_is_counted_by_its_lowest_rank_only():

@@ -290,10 +290,10 @@ def test_publish_replaces_whole_and_a_cut_between_renames_keeps_the_previous(tmp
 # --------------------------------------------------------- several nodes, lost node
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    """2 nodes × 2 processes (torchrun, static rendezvous on 127.0.0.1): data(2) × phantom(2), SGD."""
+    """2 nodes × 2 processes (torchrun, static rendezvous on 127.0.0.1), SGD, default layout: data(2) × phantom(2)."""
     tmp = tmp_path_factory.mktemp("two_nodes")
     port = free_port()
-    args = ["--devices", "2", "--num-nodes", "2", "--phantom", "2", "--optimizer", "sgd", "--lr", "0.1",
+    args = ["--devices", "2", "--num-nodes", "2", "--phantom", "auto", "--optimizer", "sgd", "--lr", "0.1",
             "--steps", "6", "--ckpt-dir", str(tmp / "ckpt"), "--every", "3", "--probe", "--out", str(tmp / "two")]
     nodes = [Program([TORCHRUN, "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(n), "--master-addr",
                       "127.0.0.1", "--master-port", str(port), str(SCRIPT), *args], tmp / f"node{n}.log")
@@ -305,6 +305,17 @@ def two_nodes(tmp_path_factory):
         for node in nodes:
             node.kill()
     return tmp
+
+
+def test_two_nodes_keep_phantom_groups_inside_a_node_by_default(two_nodes):
+    """Both sizes on 'auto': phantom = processes per node, data = nodes (Lightning's ModelParallelStrategy)."""
+    for node in (0, 1):
+        lines = re.findall(r"^rank (\d) node (\d) phantom group \[([\d, ]+)\] layout (.*)$",
+                           (two_nodes / f"node{node}.log").read_text(), re.MULTILINE)
+        assert sorted(int(rank) for rank, *_ in lines) == [2 * node, 2 * node + 1]
+        for rank, node_rank, group, layout in lines:
+            assert int(node_rank) == node and layout == "data(2) × phantom(2) = 4 ranks"
+            assert [int(r) for r in group.split(",")] == [2 * node, 2 * node + 1]
 
 
 def test_two_nodes_train_like_one_node_of_four(programs, tmp_path, two_nodes):

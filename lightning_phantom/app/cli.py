@@ -107,14 +107,14 @@ def _devices(trainer_cfg: Any) -> int:
     return _int("trainer.devices", devices)
 
 
-def _check_phantom(s: DictConfig, world: int, width: int, depth: int, sizes: list[int]):
+def _check_phantom(s: DictConfig, world: int, nodes: int, width: int, depth: int, sizes: list[int]):
     """The strategy's own checks, run here before any process starts: layout, request, plan of ``net``."""
     from lightning_phantom.nn.plan import PhantomPlan
     from lightning_phantom.strategy.layout import PhantomLayout
 
     try:
         layout = PhantomLayout.resolve(s.get("data_parallel_size", "auto"),
-                                       s.get("phantom_parallel_size", "auto"), world)
+                                       s.get("phantom_parallel_size", "auto"), world, nodes)
     except ValueError as e:
         raise ConfigError(f"strategy=phantom on trainer.devices × trainer.num_nodes = {world} ranks: "
                           f"{e}") from None
@@ -185,7 +185,7 @@ def check_config(cfg: DictConfig) -> Plan:
         raise ConfigError(f"strategy=single runs on one device, but trainer.devices × trainer.num_nodes = "
                           f"{world}; set trainer.devices=1, or choose strategy=phantom, tp or ddp")
     if kind == "phantom":
-        group, data, ghosts = _check_phantom(cfg.strategy, world, width, depth, sizes)
+        group, data, ghosts = _check_phantom(cfg.strategy, world, nodes, width, depth, sizes)
     elif kind == "tp":
         group, data = _check_tp(cfg.strategy, world, nodes, sizes)
     _check_energy(cfg)

@@ -146,6 +146,30 @@ class RaplMeter:
         pass
 
 
+_NVML_FIX = ("check that the NVIDIA driver is loaded and that this user may read the GPU's power "
+             "(nvidia-smi -q -d POWER), or use meter='auto', 'rapl' or 'estimate'")
+
+
+class NvmlUnavailable(RuntimeError):
+    """NVML failed: the message says which call, NVML's own error, and what to do."""
+
+
+def _nvml_call(nvml: Any, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, an ``NVMLError`` of any kind turned into an ``NvmlUnavailable`` that says
+    what was being done, NVML's reason and how to fix it."""
+    try:
+        return fn(*args)
+    except nvml.NVMLError as err:
+        raise NvmlUnavailable(f"NVML could not {what}: {_describe(err)}; {_NVML_FIX}") from err
+
+
+def _describe(err: Exception) -> str:
+    name = type(err).__name__
+    if name == "NVMLError_NoPermission":
+        return f"{name} ({err}): this user may not query the GPU"
+    return f"{name} ({err})"
+
+
 def load_nvml(nvml: Any = None) -> Any:
     """The ``pynvml`` module (from nvidia-ml-py), initialised; imported lazily so CPU runs never need it."""
     if nvml is None:
@@ -155,23 +179,39 @@ def load_nvml(nvml: Any = None) -> Any:
             raise RuntimeError(
                 "meter='nvml' needs the pynvml module: pip install nvidia-ml-py (or use meter='auto')"
             ) from err
-    nvml.nvmlInit()
+    _nvml_call(nvml, "start (nvmlInit)", nvml.nvmlInit)
     return nvml
 
 
 def _uuid(nvml: Any, handle: Any) -> str:
-    uuid = nvml.nvmlDeviceGetUUID(handle)
+    uuid = _nvml_call(nvml, "read a GPU's UUID", nvml.nvmlDeviceGetUUID, handle)
     return uuid.decode() if isinstance(uuid, bytes) else uuid
 
 
-def nvml_device_handle(nvml: Any, torch_index: int, visible_devices: str | None) -> Any:
+def bare_uuid(uuid: str) -> str:
+    """The hex digits of a GPU UUID: NVML and CUDA_VISIBLE_DEVICES write ``GPU-8d7c…`` (``MIG-…``
+    for a MIG instance), torch's device properties ``8d7c…``."""
+    uuid = uuid.strip().lower()
+    for prefix in ("gpu-", "mig-"):
+        if uuid.startswith(prefix):
+            return uuid[len(prefix):]
+    return uuid
+
+
+def nvml_device_handle(nvml: Any, torch_index: int, visible_devices: str | None,
+                       torch_uuid: str | None = None) -> Any:
     """NVML handle of the GPU that torch calls ``cuda:<torch_index>``.
 
-    NVML numbers GPUs physically while torch numbers the ones left visible by
-    CUDA_VISIBLE_DEVICES, whose entries are physical indices or (prefixes of) GPU UUIDs.
+    By ``torch_uuid`` (``torch.cuda.get_device_properties(i).uuid``) when known: CUDA numbers
+    devices fastest first by default (``CUDA_DEVICE_ORDER=FASTEST_FIRST``) and NVML by PCI bus,
+    so on a node with mixed GPUs an index, even one from CUDA_VISIBLE_DEVICES, can name another
+    GPU in NVML. Without it, CUDA_VISIBLE_DEVICES is followed: its entries are indices or (prefixes
+    of) GPU UUIDs, right when all GPUs are alike or ``CUDA_DEVICE_ORDER=PCI_BUS_ID``.
     """
+    if torch_uuid:
+        return _handle_by_uuid(nvml, torch_index, torch_uuid, visible_devices)
     if visible_devices is None:
-        return nvml.nvmlDeviceGetHandleByIndex(torch_index)
+        return _nvml_call(nvml, f"open GPU {torch_index}", nvml.nvmlDeviceGetHandleByIndex, torch_index)
     entries = [entry.strip() for entry in visible_devices.split(",") if entry.strip()]
     if not 0 <= torch_index < len(entries):
         raise ValueError(
@@ -180,17 +220,16 @@ def nvml_device_handle(nvml: Any, torch_index: int, visible_devices: str | None)
         )
     entry = entries[torch_index]
     if entry.isdigit():
-        return nvml.nvmlDeviceGetHandleByIndex(int(entry))
+        return _nvml_call(nvml, f"open GPU {entry}", nvml.nvmlDeviceGetHandleByIndex, int(entry))
     if entry.startswith("MIG-"):
         # MIG instances are not enumerated by nvmlDeviceGetCount; NVML needs the full UUID.
-        return nvml.nvmlDeviceGetHandleByUUID(entry)
+        return _nvml_call(nvml, f"open MIG instance {entry}", nvml.nvmlDeviceGetHandleByUUID, entry)
     if entry.startswith("GPU-"):
         # CUDA accepts any unique prefix of a UUID, so match prefixes, not whole strings.
-        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-        matches = [h for h in handles if _uuid(nvml, h).startswith(entry)]
+        handles, known = _all_gpus(nvml)
+        matches = [h for h, uuid in zip(handles, known) if uuid.startswith(entry)]
         if len(matches) == 1:
             return matches[0]
-        known = [_uuid(nvml, h) for h in handles]
         problem = "matches no GPU" if not matches else f"matches {len(matches)} GPUs"
         raise ValueError(
             f"CUDA_VISIBLE_DEVICES entry {entry!r} (for cuda:{torch_index}) {problem}; "
@@ -199,6 +238,33 @@ def nvml_device_handle(nvml: Any, torch_index: int, visible_devices: str | None)
     raise ValueError(
         f"CUDA_VISIBLE_DEVICES entry {entry!r} (for cuda:{torch_index}) is neither a physical index "
         "nor a GPU-/MIG- UUID; fix CUDA_VISIBLE_DEVICES"
+    )
+
+
+def _all_gpus(nvml: Any) -> tuple[list[Any], list[str]]:
+    """Handles and UUIDs of every GPU NVML enumerates, in NVML's (PCI bus) order."""
+    count = _nvml_call(nvml, "count the GPUs", nvml.nvmlDeviceGetCount)
+    handles = [_nvml_call(nvml, f"open GPU {i}", nvml.nvmlDeviceGetHandleByIndex, i) for i in range(count)]
+    return handles, [_uuid(nvml, h) for h in handles]
+
+
+def _handle_by_uuid(nvml: Any, torch_index: int, torch_uuid: str, visible_devices: str | None) -> Any:
+    wanted = bare_uuid(torch_uuid)
+    handles, known = _all_gpus(nvml)
+    for handle, uuid in zip(handles, known):
+        if bare_uuid(uuid) == wanted:
+            return handle
+    # A MIG instance is not enumerated by index; NVML finds it by its full UUID.
+    for prefix in ("MIG-", "GPU-"):
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(prefix + wanted)
+        except nvml.NVMLError:
+            pass
+    raise ValueError(
+        f"torch's cuda:{torch_index} is the GPU with UUID {torch_uuid} (CUDA_VISIBLE_DEVICES="
+        f"{visible_devices!r}), but NVML knows no such GPU; it lists {known}. NVML and CUDA must see the "
+        "same driver: run on the node itself (not in a container that hides NVML devices), or use "
+        "meter='auto', 'rapl' or 'estimate'."
     )
 
 
@@ -245,10 +311,13 @@ class NvmlMeter:
             try:
                 nvml.nvmlDeviceGetPowerUsage(handle)
             except nvml.NVMLError as err:
-                raise RuntimeError(
-                    f"GPU {self.uuid} reports neither total energy nor power through NVML ({err}); "
+                raise NvmlUnavailable(
+                    f"GPU {self.uuid} reports neither total energy nor power through NVML ({_describe(err)}); "
                     "use meter='rapl' or meter='estimate'"
                 ) from err
+        except nvml.NVMLError as err:  # no permission, GPU lost, driver gone, ...
+            raise NvmlUnavailable(f"NVML could not read the energy counter of GPU {self.uuid}: "
+                                  f"{_describe(err)}; {_NVML_FIX}") from err
         self._total_J = 0.0
         self._unconfirmed_J = 0.0
         self._last_mJ = 0
@@ -256,7 +325,13 @@ class NvmlMeter:
         self._last_W = 0.0
 
     def _power_W(self) -> float:
-        return self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
+        return self._nvml_read("power", self._nvml.nvmlDeviceGetPowerUsage) / 1000.0
+
+    def _energy_mJ(self) -> int:
+        return self._nvml_read("energy counter", self._nvml.nvmlDeviceGetTotalEnergyConsumption)
+
+    def _nvml_read(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        return _nvml_call(self._nvml, f"read the {what} of GPU {self.uuid}", fn, self._handle)
 
     def start(self) -> None:
         self._total_J = self._unconfirmed_J = 0.0
@@ -265,7 +340,7 @@ class NvmlMeter:
         self._sync()
         self._last_s = self._clock()
         if self.has_counter:
-            self._last_mJ = self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+            self._last_mJ = self._energy_mJ()
         else:
             self._last_W = self._power_W()
 
@@ -281,7 +356,7 @@ class NvmlMeter:
             self._total_J += 0.5 * (self._last_W + power_W) * elapsed_s
             self._last_W = power_W
             return self._total_J
-        counter_mJ = self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+        counter_mJ = self._energy_mJ()
         if counter_mJ > self._last_mJ:
             moved_J = (counter_mJ - self._last_mJ) / 1000.0
             repaid_J = min(moved_J, self._unconfirmed_J)
@@ -296,4 +371,7 @@ class NvmlMeter:
         return self._total_J
 
     def close(self) -> None:
-        self._nvml.nvmlShutdown()
+        try:
+            self._nvml.nvmlShutdown()
+        except self._nvml.NVMLError:  # nothing is lost: the readings are taken
+            pass

@@ -79,6 +79,15 @@ def _check_target(target: Any) -> dict | None:
     return {"monitor": target["monitor"], "value": value, "mode": mode}
 
 
+def _torch_uuid(index: int) -> str | None:
+    """The UUID CUDA gives ``cuda:<index>``, the one name of a GPU that torch and NVML share."""
+    try:
+        uuid = torch.cuda.get_device_properties(index).uuid
+    except (AttributeError, AssertionError, RuntimeError):  # a torch without CUDA or without .uuid
+        return None
+    return str(uuid) or None
+
+
 class EnergyMonitor(Callback):
     """Log energy per training step and summarise it at the end of ``fit``.
 
@@ -158,7 +167,7 @@ class EnergyMonitor(Callback):
             )
         index = torch.cuda.current_device() if device.index is None else device.index
         nvml = load_nvml()
-        handle = nvml_device_handle(nvml, index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        handle = nvml_device_handle(nvml, index, os.environ.get("CUDA_VISIBLE_DEVICES"), _torch_uuid(index))
         return NvmlMeter(nvml, handle, sync=lambda: torch.cuda.synchronize(device))
 
     def _auto_choice(self, trainer: Trainer) -> tuple[str, str]:

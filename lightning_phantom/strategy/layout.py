@@ -7,8 +7,11 @@ world size (6)"), and builds the named 2-D ``DeviceMesh``::
     global rank = data_rank * phantom + phantom_rank
 
 so a phantom group is ``phantom`` consecutive ranks. Launchers number ranks node by node,
-so with ``phantom`` <= devices per node the group whose collectives run at every layer
-stays inside a node, and only the once-per-step gradient average crosses nodes.
+so with ``phantom`` a divisor of the processes per node the group whose collectives run at
+every layer stays inside a node, and only the once-per-step gradient average crosses nodes.
+That is the default, as in Lightning's ``ModelParallelStrategy``: phantom = processes per
+node, data = nodes. A layout whose phantom groups span nodes is allowed (a user may ask
+for it) and says so in ``cross_node_warning``.
 
 The sub-groups are created here with an explicit ``timeout`` (``init_device_mesh``
 would give them torch's default, not the one the job asked for), so a dead peer ends a
@@ -51,16 +54,28 @@ def check_timeout(timeout: Any) -> Optional[timedelta]:
     return timeout
 
 
+def _per_node(world_size: int, nodes: int) -> int:
+    if world_size % nodes:
+        raise ValueError(f"world size ({world_size}) is not divisible by nodes({nodes}) "
+                         f"({world_size} % {nodes} = {world_size % nodes}): every node runs the same number "
+                         "of processes.")
+    return world_size // nodes
+
+
 @dataclass(frozen=True)
 class PhantomLayout:
-    """``data`` replicas, each a phantom group of ``phantom`` ranks: ``data * phantom == world_size``."""
+    """``data`` replicas, each a phantom group of ``phantom`` ranks: ``data * phantom == world_size``.
+
+    ``nodes`` is only known to say whether a phantom group spans nodes (``cross_node_warning``).
+    """
 
     data: int
     phantom: int
     world_size: int
+    nodes: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("data", "phantom", "world_size"):
+        for name in ("data", "phantom", "world_size", "nodes"):
             check_size(name, getattr(self, name))
         if self.data * self.phantom != self.world_size:
             raise ValueError(
@@ -68,18 +83,45 @@ class PhantomLayout:
                 "belongs to exactly one phantom group and one data-parallel replica. Change "
                 "data_parallel_size / phantom_parallel_size, or the number of devices and nodes."
             )
+        _per_node(self.world_size, self.nodes)
 
     @classmethod
-    def resolve(cls, data: Size, phantom: Size, world_size: int) -> "PhantomLayout":
-        """Fill in ``"auto"``: all ranks form one phantom group unless a size says otherwise."""
+    def resolve(cls, data: Size, phantom: Size, world_size: int, nodes: int = 1) -> "PhantomLayout":
+        """Fill in ``"auto"`` as Lightning's ``ModelParallelStrategy`` does: by default a phantom group
+        is the processes of one node and the nodes are the data-parallel replicas; with one size
+        given, the other is world size / that size."""
         data, phantom = check_size("data_parallel_size", data), check_size("phantom_parallel_size", phantom)
+        nodes = check_size("nodes", nodes)
         if phantom == "auto" and data == "auto":
-            phantom, data = world_size, 1
+            phantom, data = _per_node(world_size, nodes), nodes
         elif data == "auto":
             data = cls._quotient(world_size, phantom, "phantom")
         elif phantom == "auto":
             phantom = cls._quotient(world_size, data, "data")
-        return cls(data, phantom, world_size)
+        return cls(data, phantom, world_size, nodes)
+
+    @property
+    def processes_per_node(self) -> int:
+        return _per_node(self.world_size, self.nodes)
+
+    def cross_node_warning(self) -> Optional[str]:
+        """Why this layout's phantom groups cross nodes, with the arithmetic; ``None`` when none does.
+
+        Group g holds ranks [g·phantom, (g+1)·phantom) and node n ranks [n·per_node, (n+1)·per_node),
+        so every group stays inside a node exactly when ``phantom`` divides the processes per node.
+        """
+        per_node = self.processes_per_node
+        if per_node % self.phantom == 0:
+            return None
+        if self.phantom > per_node:
+            why = (f"phantom({self.phantom}) > processes per node ({self.world_size} ranks / {self.nodes} nodes "
+                   f"= {per_node}): each phantom group spans at least {-(-self.phantom // per_node)} nodes")
+        else:
+            why = (f"processes per node ({self.world_size} ranks / {self.nodes} nodes = {per_node}) % "
+                   f"phantom({self.phantom}) = {per_node % self.phantom}: some phantom groups span two nodes")
+        return (f"{why}, so every phantom layer's all-gather and reduce-scatter crosses the network between "
+                f"nodes. Use a phantom_parallel_size that divides {per_node}, or leave both sizes on 'auto' "
+                f"(phantom({per_node}) × data({self.nodes})).")
 
     @staticmethod
     def _quotient(world_size: int, size: int, name: str) -> int:

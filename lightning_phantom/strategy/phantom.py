@@ -50,7 +50,7 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_phantom.cost.model import summary
 from lightning_phantom.nn.compiling import CompileRequest, compile_ffns, compile_options
@@ -80,8 +80,11 @@ class PhantomStrategy(ParallelStrategy):
             ``"full"``: n_in/p, an exact conversion with no saving (for checking). An int, or a
             list with one per phantom layer, for every FFN; or a mapping from module name
             (``"net"``, ``"encoder.ffn"``) to any of those, other FFNs getting ``"auto"``.
-        phantom_parallel_size: ranks per phantom group; ``"auto"``: all ranks (or world / data).
-        data_parallel_size: number of phantom groups (replicas); ``"auto"``: world / phantom.
+        phantom_parallel_size: ranks per phantom group; ``"auto"``: the processes of one node (or
+            world / data), as Lightning's ``ModelParallelStrategy`` keeps its groups inside a node.
+            A size whose groups span nodes works but warns: their per-layer traffic crosses the network.
+        data_parallel_size: number of phantom groups (replicas); ``"auto"``: the number of nodes (or
+            world / phantom).
         init: how a dense FFN becomes shards: ``"svd"`` (the closest phantom model, default) or
             ``"random"`` (the architecture only). FFNs on the meta device always get ``"random"``.
         overlap: overlap the ghost all-gather with the local block's matmul.
@@ -221,7 +224,9 @@ class PhantomStrategy(ParallelStrategy):
         assert self.cluster_environment is not None
         # No process is started yet, but their number is known: check the layout now.
         self._layout = PhantomLayout.resolve(self._data_parallel_size, self._phantom_parallel_size,
-                                             self.num_nodes * self.num_processes)
+                                             self.num_nodes * self.num_processes, self.num_nodes)
+        if (crossing := self._layout.cross_node_warning()) is not None:
+            rank_zero_warn(f"PhantomStrategy {self._layout} on {self.num_nodes} nodes: {crossing}")
         if not self.cluster_environment.creates_processes_externally:
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes,
                                                        self.num_nodes)
@@ -238,7 +243,7 @@ class PhantomStrategy(ParallelStrategy):
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
                               device_id=device_id)
         self._layout = PhantomLayout.resolve(self._data_parallel_size, self._phantom_parallel_size,
-                                             self.world_size)
+                                             self.world_size, self.num_nodes)
         self._device_mesh = self._layout.build_mesh(self.root_device.type, self._timeout)
         # Users reach the mesh in LightningModule.configure_model() as self.device_mesh.
         assert self.lightning_module is not None

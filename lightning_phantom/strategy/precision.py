@@ -8,8 +8,12 @@ replaces the plugin Lightning hands it by the matching class below (same setting
     ||g||² = Σ over the phantom group of each rank's sharded squares + the replicated squares once.
 
 Gradients are already the data-parallel mean when it runs (equal on every replica), so no
-sum over the data axis. Under ``16-mixed`` the plugin's ``GradScaler`` is replaced by one
-whose inf/NaN check is all-reduced over the world, so every rank skips the same steps.
+sum over the data axis.
+
+Under ``16-mixed`` the plugin's ``GradScaler`` becomes a ``SyncedGradScaler``, whose inf/NaN
+check is all-reduced over the world: every rank skips the same steps and keeps the same
+scale, for fused optimizers too. Clipping works with a fused optimizer: the plugin unscales
+first when it clips (a fused optimizer otherwise unscales inside its own step).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning.pytorch.plugins.precision import DoublePrecision, MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 GlobalNorm = Callable[[list[Tensor]], Tensor]  # gradients → the norm of the whole phantom model
 
@@ -66,6 +72,51 @@ class PhantomDoublePrecision(PhantomPrecision, DoublePrecision):
 class PhantomMixedPrecision(PhantomPrecision, MixedPrecision):
     """``precision="bf16-mixed"`` / ``"16-mixed"`` under ``PhantomStrategy``."""
 
+    @override
+    def clip_gradients(self, optimizer: Optimizer, clip_val: Union[int, float] = 0.0,
+                       gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM) -> None:
+        # Lightning refuses to clip for an optimizer that unscales inside its step (fused Adam,
+        # AdamW, SGD), since it never calls unscale_ for one. Unscaling here, only when clipping,
+        # keeps the fused path for everyone else; GradScaler.step then hands the optimizer
+        # unscaled gradients (grad_scale=None) and this step's found_inf.
+        # (bf16-mixed has no scaler and nothing to unscale, but Lightning refuses it all the same.)
+        if clip_val > 0 and getattr(optimizer, "_step_supports_amp_scaling", False):
+            if self.scaler is not None and _scaler_stage(self.scaler, optimizer) is OptState.READY:
+                self.scaler.unscale_(optimizer)
+            Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
+            return
+        super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+
+
+class SyncedGradScaler(torch.amp.GradScaler):
+    """A ``GradScaler`` whose inf/NaN check is summed over every rank of the world before anyone decides.
+
+    A step skipped on one rank only leaves the shards and replicas of one model at different
+    steps, and once scales differ the next step's ghost reduce-scatter and gradient averages
+    add gradients scaled differently. GradScaler checks in ``_unscale_grads_`` on both of its
+    paths: ``unscale_`` (before clipping) and ``_check_inf_per_device``, which ``step`` uses for
+    optimizers that unscale themselves (fused ones, for which Lightning never calls ``unscale_``;
+    FSDP's ``ShardedGradScaler`` syncs only the first). Syncing there covers both.
+    """
+
+    @override
+    def _unscale_grads_(self, optimizer: Optimizer, inv_scale: Tensor, found_inf: Tensor,
+                        allow_fp16: bool) -> dict[torch.device, Tensor]:
+        per_device = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return per_device
+        # One flag on the scale's device, whatever devices this rank's gradients are on: every
+        # rank takes part in the all-reduce, and update() and step() read the same verdict.
+        anywhere = torch.zeros_like(found_inf)
+        for flag in per_device.values():
+            anywhere += flag.to(anywhere.device)
+        dist.all_reduce(anywhere)
+        return {anywhere.device: anywhere}
+
+
+def _scaler_stage(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> OptState:
+    return scaler._per_optimizer_states[id(optimizer)]["stage"]
+
 
 def phantom_precision(plugin: Precision, global_norm: GlobalNorm) -> Precision:
     """The strategy's plugin for the one Lightning chose: same settings, whole-model clipping."""
@@ -96,17 +147,11 @@ def check_precision(plugin: Precision) -> None:
         )
 
 
-def _synced_scaler(scaler, device: str):
-    """The same GradScaler settings, with found_inf all-reduced over the world before each step.
-
-    A step skipped for inf/NaN on one rank must be skipped on all, or the shards of one model
-    and its replicas drift apart; FSDP's ShardedGradScaler does exactly that sync.
-    """
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-    if isinstance(scaler, ShardedGradScaler) or not scaler.is_enabled():  # a disabled one never skips
+def _synced_scaler(scaler: torch.amp.GradScaler, device: str) -> torch.amp.GradScaler:
+    """The same GradScaler settings, its overflow decision shared by the world (``SyncedGradScaler``)."""
+    if isinstance(scaler, SyncedGradScaler) or not scaler.is_enabled():  # a disabled one never skips
         return scaler
-    return ShardedGradScaler(device=device, init_scale=scaler.get_scale(),
-                             growth_factor=scaler.get_growth_factor(),
-                             backoff_factor=scaler.get_backoff_factor(),
-                             growth_interval=scaler.get_growth_interval())
+    return SyncedGradScaler(device=device, init_scale=scaler.get_scale(),
+                            growth_factor=scaler.get_growth_factor(),
+                            backoff_factor=scaler.get_backoff_factor(),
+                            growth_interval=scaler.get_growth_interval())

@@ -1,7 +1,7 @@
 """A small phantom-parallel training job, run as a real program by tests/test_failures.py.
 
 Launched as ``python train.py --devices 2`` (Lightning starts the other rank) or under
-``torchrun``. Every rank prints ``rank R pid P step S loss L`` after each step, and with
+``torchrun``; ``--accelerator gpu`` runs it under NCCL (benchmarks/gpu_cluster_checks.py). Every rank prints ``rank R pid P step S loss L`` after each step, and with
 ``--out`` writes its final weights to ``OUT.rankR.pt``. Options inject the failures the
 tests need: ``--kill-at`` (a power cut: SIGKILL to every process of the run),
 ``--crash-in-save`` (the same, in the middle of writing a checkpoint), ``--slow`` (time
@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,7 @@ class Batches:
     ahead (Lightning prefetches to know which batch is the last).
     """
 
-    def __init__(self, rows: int, batch_size: int, phantom: int) -> None:
+    def __init__(self, rows: int, batch_size: int, phantom: Union[int, str]) -> None:
         self.x, self.y = dataset(rows)
         self.batch_size, self.phantom = batch_size, phantom
         self.trainer: Optional[L.Trainer] = None
@@ -57,7 +57,8 @@ class Batches:
 
     def _replica(self) -> tuple[int, int]:
         world, rank = dist.get_world_size(), dist.get_rank()
-        return rank // self.phantom, world // self.phantom
+        phantom = self.trainer.strategy.layout.phantom if self.phantom == "auto" else self.phantom
+        return rank // phantom, world // phantom
 
     def __len__(self) -> int:
         _, replicas = self._replica()
@@ -98,7 +99,7 @@ class Regression(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.lr)
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, fused=self.optimizer == "fused-adam")
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -126,10 +127,13 @@ class Steps(Callback):
     def _look(self, trainer, pl_module) -> None:
         if self.probe is not None:
             with torch.no_grad():
-                self.outputs[trainer.global_step] = pl_module(self.probe).clone()
+                self.outputs[trainer.global_step] = pl_module(self.probe.to(pl_module.device)).clone()
 
     def on_train_start(self, trainer, pl_module):
         self._look(trainer, pl_module)  # right after a resume: what the checkpoint computes
+        group = dist.get_process_group_ranks(trainer.strategy.phantom_group)
+        say(f"rank {trainer.global_rank} node {trainer.node_rank} phantom group {group} "
+            f"layout {trainer.strategy.layout}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"].item()
@@ -171,11 +175,11 @@ def _crash_in_save(trainer_box: list, step: int) -> None:
     dcp.save = save
 
 
-def job(devices: int = 2, num_nodes: int = 1, phantom: int = 2, steps: int = 12, rows: int = 64,
+def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, steps: int = 12, rows: int = 64,
         batch_size: int = 8, optimizer: str = "adam", lr: float = 0.02, ckpt_dir: Optional[str] = None,
         every: int = 3, resume: Optional[str] = None, timeout: float = 60.0, kill_at: Optional[int] = None,
         crash_in_save: Optional[int] = None, slow: float = 0.0, ghosts: Any = "auto",
-        probe: bool = False) -> dict[str, Any]:
+        probe: bool = False, accelerator: str = "cpu", precision: str = "32-true") -> dict[str, Any]:
     """Train; return this rank's final weights, losses and (``probe``) outputs on fixed inputs by step."""
     L.seed_everything(0, verbose=False)
     trainer_box: list = []
@@ -188,7 +192,7 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: int = 2, steps: int = 12,
                                          save_top_k=-1, save_last=True))
     strategy = lp.PhantomStrategy(phantom_parallel_size=phantom, timeout=timedelta(seconds=timeout),
                                   ghosts=ghosts)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
+    trainer = L.Trainer(accelerator=accelerator, precision=precision, devices=devices, num_nodes=num_nodes, strategy=strategy,
                         max_steps=steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=bool(ckpt_dir))
     trainer_box.append(trainer)
@@ -197,16 +201,19 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: int = 2, steps: int = 12,
     loader.trainer = trainer
     trainer.fit(model, loader, ckpt_path=resume)
     return {"rank": trainer.global_rank, "losses": steps_cb.losses, "step": trainer.global_step,
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "outputs": steps_cb.outputs}
+            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "outputs": {step: out.cpu() for step, out in steps_cb.outputs.items()}}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--num-nodes", type=int, default=1)
-    parser.add_argument("--phantom", type=int, default=2)
+    parser.add_argument("--phantom", type=lambda v: v if v == "auto" else int(v), default=2)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "fused-adam", "sgd"])
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default="32-true")
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--ckpt-dir")
     parser.add_argument("--every", type=int, default=3)
@@ -222,7 +229,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     result = job(devices=args.devices, num_nodes=args.num_nodes, phantom=args.phantom, steps=args.steps,
                  optimizer=args.optimizer, lr=args.lr, ckpt_dir=args.ckpt_dir, every=args.every,
                  resume=args.resume, timeout=args.timeout, kill_at=args.kill_at,
-                 crash_in_save=args.crash_in_save, slow=args.slow, probe=args.probe)
+                 crash_in_save=args.crash_in_save, slow=args.slow, probe=args.probe,
+                 accelerator=args.accelerator, precision=args.precision)
     if args.out:
         torch.save(result, f"{args.out}.rank{result['rank']}.pt")
     say(f"rank {result['rank']} done at step {result['step']}")
