@@ -15,7 +15,8 @@ conversion, merging and ``to_dense`` assemble shards on one process.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections import OrderedDict
+from typing import Mapping, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -70,11 +71,15 @@ def _shard_generator(rank: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-class _Shard(nn.Module):
-    """What all phantom layers share: where they sit in the group and input checks."""
+class _Sharded(nn.Module):
+    """A module holding this rank's slice of something split over a phantom group.
+
+    Its parameters (and buffers, e.g. a BatchNorm's running statistics) differ between
+    the ranks of the group, except those named in ``replicated``.
+    """
 
     shard: GroupInfo
-    in_features: int
+    replicated: tuple[str, ...] = ()
 
     def _check_group(self) -> None:
         s = self.shard
@@ -92,6 +97,12 @@ class _Shard(nn.Module):
                 f"{size} and this process is rank {rank} in it. Re-shard the model for this group "
                 "(lightning_phantom.merge_shards) or run it with the group it was built for."
             )
+
+
+class _Shard(_Sharded):
+    """What the phantom Linear layers share: sizes and input checks."""
+
+    in_features: int
 
     def _check_input(self, x: Tensor, width: int) -> None:
         if x.shape[-1] != width:
@@ -313,24 +324,31 @@ class PhantomFFN(nn.Sequential):
         super().__init__(*layers)
 
     @classmethod
-    def from_layers(cls, layers: Sequence[nn.Module]) -> "PhantomFFN":
-        """Assemble already-built shards (used by conversion and merging)."""
+    def from_layers(cls, layers: Union[Sequence[nn.Module], Mapping[str, nn.Module]]) -> "PhantomFFN":
+        """Assemble already-built shards (used by conversion and merging); a mapping keeps child names."""
         ffn = cls.__new__(cls)
-        nn.Sequential.__init__(ffn, *layers)
+        if isinstance(layers, Mapping):
+            nn.Sequential.__init__(ffn, OrderedDict(layers))
+        else:
+            nn.Sequential.__init__(ffn, *layers)
         return ffn
+
+    def layers(self) -> list[nn.Module]:
+        """The layers in order, with nested ``nn.Sequential`` blocks flattened."""
+        return [m for _, m in leaf_layers(self)]
 
     @property
     def shard(self) -> GroupInfo:
-        return next(m for m in self if isinstance(m, _Shard)).shard
+        return next(m for m in self.layers() if isinstance(m, _Shard)).shard
 
     @property
     def sizes(self) -> list[int]:
-        linears = [m for m in self if isinstance(m, _Shard)]
+        linears = [m for m in self.layers() if isinstance(m, _Shard)]
         return [linears[0].in_features] + [m.out_features for m in linears]
 
     @property
     def ghosts(self) -> list[int]:
-        return [m.ghosts for m in self if isinstance(m, PhantomLinear)]
+        return [m.ghosts for m in self.layers() if isinstance(m, PhantomLinear)]
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -341,6 +359,17 @@ class PhantomFFN(nn.Sequential):
         return super().forward(x)
 
 
+def leaf_layers(seq: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """(state-dict prefix, layer) of every layer of ``seq``, nested ``nn.Sequential`` blocks flattened."""
+    out = []
+    for name, child in seq.named_children():
+        if type(child) is nn.Sequential:
+            out += leaf_layers(child, f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, child))
+    return out
+
+
 def sharded_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Parameters split over a phantom group (each rank holds a different part).
 
@@ -349,16 +378,24 @@ def sharded_parameters(module: nn.Module) -> list[nn.Parameter]:
     """
     out = []
     for m in module.modules():
-        if isinstance(m, _Shard) and m.shard.size > 1:
-            skip = getattr(m, "replicated", ())
-            out += [p for name, p in m.named_parameters(recurse=False) if name not in skip]
+        if isinstance(m, _Sharded) and m.shard.size > 1:
+            out += [p for name, p in m.named_parameters(recurse=False) if name not in m.replicated]
+    return out
+
+
+def sharded_buffers(module: nn.Module) -> list[Tensor]:
+    """Buffers split over a phantom group, e.g. the running statistics of a sharded BatchNorm1d."""
+    out = []
+    for m in module.modules():
+        if isinstance(m, _Sharded) and m.shard.size > 1:
+            out += [b for name, b in m.named_buffers(recurse=False) if name not in m.replicated]
     return out
 
 
 def set_group(module: nn.Module, group) -> nn.Module:
     """Attach the phantom shards in ``module`` to ``group`` (e.g. after ``merge_shards``)."""
     for m in module.modules():
-        if isinstance(m, _Shard):
+        if isinstance(m, _Sharded):
             info = GroupInfo.of(group)
             if (info.size, info.rank) != (m.shard.size, m.shard.rank):
                 raise ValueError(
