@@ -22,6 +22,7 @@ from lightning_phantom.nn.layers import (
     ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard, ghosts_per_layer,
     leaf_layers,
 )
+from lightning_phantom.nn.dropout import ReplicatedDropout, ShardedDropout, _SeededDropout, draw_seed
 from lightning_phantom.nn.norms import PHANTOM_NORMS, PhantomNorm, merge_norms, norm_refusal, shard_norm
 
 
@@ -164,10 +165,17 @@ def to_phantom(module: nn.Sequential, ghosts, group=None, init: str = "svd", ove
     leaves = leaf_layers(module)
     first, last = ([i for i, (_, m) in enumerate(leaves) if m is lin][0] for lin in (linears[0], linears[-1]))
     sharded = {path for path, _ in leaves[first + 1:last]}  # activations split over the group
+    dropouts = [path for path, m in leaves if type(m) is nn.Dropout]
+    seed = draw_seed() if dropouts else 0  # one draw, so every rank's global stream stays in step
 
     def convert(path: str, child: nn.Module) -> nn.Module:
         if type(child) in PHANTOM_NORMS and path in sharded:
             return shard_norm(child, info, fresh=init == "random")
+        if type(child) is nn.Dropout:
+            layer_seed = seed + 104729 * dropouts.index(path)
+            if path in sharded:
+                return ShardedDropout.for_rank(child.p, layer_seed, info)
+            return ReplicatedDropout(child.p, layer_seed)
         return _convert_child(child, linears, ghost_iter, info, overlap, random=init == "random")
 
     return _rebuild(module, convert)
@@ -230,7 +238,7 @@ def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
         def empty(path: str, m: nn.Module, shard_info=shard_info) -> nn.Module:
             if isinstance(m, _Shard):
                 return _empty_shard(m, shard_info, m.weight)
-            return m.rebuild(shard_info) if isinstance(m, PhantomNorm) else copy.deepcopy(m)
+            return m.rebuild(shard_info) if isinstance(m, (PhantomNorm, ShardedDropout)) else copy.deepcopy(m)
 
         shard = _rebuild(ffn, empty)
         shard.load_state_dict({name: t[rank] for name, t in gathered.items()})
@@ -299,6 +307,8 @@ def merge_shards(shards: Sequence[PhantomFFN], m: int) -> list[PhantomFFN]:
                 return _assign(new, weight=torch.cat([parts[i].weight for i in own], dim=1), bias=layer.bias)
             if isinstance(layer, PhantomNorm):
                 return merge_norms(parts, own, info)
+            if isinstance(layer, ShardedDropout):  # the first merged rank's stream goes on
+                return _assign(layer.rebuild(info), rng=parts[own[0]].rng)
             return copy.deepcopy(layer)
 
         merged.append(_rebuild(shards[0], merge))
@@ -314,7 +324,9 @@ def _dense_sequential(ffn: PhantomFFN) -> nn.Sequential:
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                device=w.device, dtype=w.dtype)
             return _assign(linear, weight=w, bias=layer.bias)
-        return layer.to_dense() if isinstance(layer, PhantomNorm) else copy.deepcopy(layer)
+        if isinstance(layer, (PhantomNorm, _SeededDropout)):
+            return layer.to_dense()
+        return copy.deepcopy(layer)
 
     return _rebuild(ffn, dense, nn.Sequential)
 

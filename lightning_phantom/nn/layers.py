@@ -312,14 +312,21 @@ class PhantomFFN(nn.Sequential):
                 f"PhantomFFN needs at least 3 linear layers (sizes = [d_in, n_1, n_2, d_out]), got sizes={sizes}: "
                 "with fewer there is no hidden-to-hidden layer to make phantom."
             )
+        from lightning_phantom.nn.dropout import ShardedDropout, draw_seed  # built on _Sharded, below
+
         info = _shard_info(group, shard)
         per_layer = ghosts_per_layer(ghosts, len(sizes) - 3)
         kw = {"bias": bias, "shard": info, "device": device, "dtype": dtype}
+        seed = draw_seed() if dropout else 0
+
+        def drop(i: int) -> list[nn.Module]:  # between sharded layers: this rank's own masks
+            return [ShardedDropout.for_rank(dropout, seed + 104729 * i, info)] if dropout else []
+
         layers: list[nn.Module] = [ColumnParallelLinear(sizes[0], sizes[1], **kw)]
         for i, k in enumerate(per_layer, start=1):
-            layers += [_activation(activation)] + ([nn.Dropout(dropout)] if dropout else [])
+            layers += [_activation(activation)] + drop(i)
             layers.append(PhantomLinear(sizes[i], sizes[i + 1], k, overlap=overlap, **kw))
-        layers += [_activation(activation)] + ([nn.Dropout(dropout)] if dropout else [])
+        layers += [_activation(activation)] + drop(0)
         layers.append(RowParallelLinear(sizes[-2], sizes[-1], **kw))
         super().__init__(*layers)
 
