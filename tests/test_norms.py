@@ -14,13 +14,13 @@ from conftest import run_ranks
 WIDTH = 8
 
 
-def nested_dense(seed: int = 0, batchnorm: bool = True) -> nn.Sequential:
+def nested_dense(seed: int = 0, batchnorm: bool = True, dropout: bool = False) -> nn.Sequential:
     """Blocks of Linear → norm → activation, as people write MLPs, with non-trivial norm tensors."""
     torch.manual_seed(seed)
     third = nn.BatchNorm1d(WIDTH) if batchnorm else nn.LayerNorm(WIDTH, bias=False)
     dense = nn.Sequential(
         nn.LayerNorm(5),  # on the replicated input: stays a dense, replicated module
-        nn.Sequential(nn.Linear(5, WIDTH), nn.LayerNorm(WIDTH), nn.GELU()),
+        nn.Sequential(nn.Linear(5, WIDTH), nn.LayerNorm(WIDTH), nn.GELU(), *([nn.Dropout(0.2)] if dropout else [])),
         nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.RMSNorm(WIDTH), nn.SiLU()),
         nn.Sequential(nn.Linear(WIDTH, WIDTH), third, nn.Tanh()),
         nn.Linear(WIDTH, 3),
@@ -167,3 +167,69 @@ def test_counted_norm_bytes_equal_model(p):
         assert params == cost.params
     # One all-reduce of 2 values per row for LayerNorm, 1 for RMSNorm, each way; BatchNorm none.
     assert cost.sent_bytes - plain.sent_bytes == 2 * (2 * (p - 1) * rows * (2 + 1) * 4) / p
+
+
+# ------------------------------------------------------------- in a Trainer
+
+
+def trainer_round_trip(path: str):
+    import copy
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nested_dense(dropout=True)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return (self(batch[0]) - batch[1]).square().mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val", (self(batch[0]) - batch[1]).square().mean(), sync_dist=True)
+
+        def predict_step(self, batch, batch_idx):
+            return self(batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def trainer(**kw):
+        return L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(ghosts="full"),
+                         precision="64-true", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, **kw)
+
+    L.seed_everything(0)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64)
+    model = Model()
+    dense = copy.deepcopy(model.net).eval()
+    preds = torch.cat(trainer().predict(model, DataLoader(TensorDataset(x), batch_size=8)))
+    predict_err = (preds - dense(x)).abs().max().item()
+    converted = type(model.net).__name__
+    fit = trainer(max_steps=3)
+    fit.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    fit.save_checkpoint(path)
+    saved = {k: v.clone() for k, v in model.net.state_dict().items()}
+    L.seed_everything(1)
+    fresh = Model()
+    trainer(max_steps=3).validate(fresh, DataLoader(TensorDataset(x, y), batch_size=8), ckpt_path=path,
+                                  verbose=False)
+    restored = fresh.net.state_dict()
+    resume_err = max((saved[k].double() - restored[k].double()).abs().max().item() for k in saved)
+    moved = {k for k in saved if ("running" in k or k.endswith("rng"))}
+    return converted, predict_err, resume_err, sorted(moved)
+
+
+def test_trainer_shards_norm_ffn_predicts_dense_and_resumes(tmp_path):
+    path = str(tmp_path / "norms.ckpt")
+    results = run_ranks(2, trainer_round_trip, path)
+    for converted, predict_err, resume_err, moved in results:
+        assert converted == "PhantomFFN"
+        assert predict_err < 1e-10
+        assert resume_err == 0  # every shard's tensors, BatchNorm's running statistics and dropout's stream
+        assert moved == ["1.3.rng", "3.1.running_mean", "3.1.running_var"]

@@ -72,7 +72,8 @@ from lightning_phantom.strategy.checkpoints import (
 from lightning_phantom.nn.convert import ffn_linears, to_phantom
 from lightning_phantom.cost.model import compare, phantom_cost
 from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
-from lightning_phantom.nn.layers import PhantomFFN, set_group, sharded_parameters
+from lightning_phantom.nn.layers import PhantomFFN, set_group, sharded_buffers, sharded_parameters
+from lightning_phantom.strategy.metrics import sync_metrics_over
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size
 
 if TYPE_CHECKING:
@@ -261,6 +262,7 @@ class PhantomStrategy(ParallelStrategy):
         self._shard(self.lightning_module)
         self.model_to_device()
         self._sync_replicas(self.lightning_module)
+        sync_metrics_over(self.lightning_module, self.data_parallel_group)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -298,7 +300,8 @@ class PhantomStrategy(ParallelStrategy):
             why = "".join(f"\n  - {name}: {reason}" for name, reason in rejected)
             raise ValueError(
                 f"PhantomStrategy found nothing to shard in {type(module).__name__}. It converts FFNs: an "
-                "nn.Sequential of nn.Linear and element-wise layers (activations, dropout) with at least 3 "
+                "nn.Sequential (blocks may be nested nn.Sequentials) of nn.Linear, LayerNorm/RMSNorm/BatchNorm1d "
+                "and element-wise layers (activations, dropout) with at least 3 "
                 f"Linear layers and hidden widths divisible by phantom({p}). Candidates:"
                 f"{why or ' none (no nn.Sequential holding an nn.Linear).'}\nBuild the FFN that way, build "
                 "lightning_phantom.PhantomFFN(..., group=self.trainer.strategy.phantom_group) in "
@@ -343,7 +346,7 @@ class PhantomStrategy(ParallelStrategy):
 
     def _sync_replicas(self, module: nn.Module) -> None:
         """Replicated tensors equal on every rank, each shard equal on its replicas (as DDP does at wrap)."""
-        sharded = {id(t) for t in sharded_parameters(module)}
+        sharded = {id(t) for t in [*sharded_parameters(module), *sharded_buffers(module)]}
         tensors = [*module.parameters(), *module.buffers()]
         _broadcast([t for t in tensors if id(t) not in sharded], None, 0)
         if self.layout.data > 1:
@@ -579,9 +582,9 @@ class PhantomStrategy(ParallelStrategy):
         """State-dict key → shard-unique key, for every sharded parameter (phantom rank and size)."""
         module = self.lightning_module
         tag = f"|phantom{self.layout.coordinates(self.global_rank)[1]}/{self.layout.phantom}"
-        sharded = {id(p) for p in sharded_parameters(module)}
-        return {name: name + tag for name, p in module.named_parameters(remove_duplicate=False)
-                if id(p) in sharded}
+        sharded = {id(t) for t in [*sharded_parameters(module), *sharded_buffers(module)]}
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        return {name: name + tag for name, t in named if id(t) in sharded}
 
     def _optimizer_param_names(self, optimizer: Optimizer) -> dict[int, tuple[str, str]]:
         """Position in the optimizer → (parameter name, shard-unique key)."""
@@ -669,7 +672,7 @@ def _find_ffns(module: nn.Module, p: int):
             if isinstance(child, PhantomFFN):
                 built.append((name, child))
                 continue
-            if type(child) is nn.Sequential and any(type(m) is nn.Linear for m in child):
+            if type(child) is nn.Sequential and any(type(m) is nn.Linear for m in child.modules()):
                 reason = _ineligible(child, name, p)
                 if reason is None:
                     convert.append((name, child))
