@@ -35,7 +35,9 @@ def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
     """
     if not isinstance(module, nn.Sequential):
         raise TypeError(f"{name} must be an nn.Sequential of nn.Linear, norm and element-wise layers "
-                        f"(blocks may be nested nn.Sequentials), got {type(module).__name__}")
+                        f"(blocks may be nested nn.Sequentials), got {type(module).__name__}. A module with its "
+                        "own forward (a residual connection, say) cannot be split: shard the nn.Sequential "
+                        "inside it instead, or keep it dense.")
     linears = []
     seen: dict[int, str] = {}
     width = None  # features of the activation at this point, once a Linear has set them

@@ -74,6 +74,7 @@ from lightning_phantom.cost.model import compare, phantom_cost
 from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.nn.layers import PhantomFFN, set_group, sharded_buffers, sharded_parameters
 from lightning_phantom.strategy.metrics import sync_metrics_over
+from lightning_phantom.strategy.module_plan import ModuleSettings, check_plan, match_plan
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size
 
 if TYPE_CHECKING:
@@ -108,6 +109,10 @@ class PhantomStrategy(ParallelStrategy):
             every rank stops with a ``NonFiniteError`` naming the step, ranks and tensors as soon as a
             loss or gradient is NaN/Inf, before the optimizer step and any later checkpoint.
         process_group_backend: ``"nccl"``, ``"gloo"``, …; by default the device's.
+        plan: shard exactly the modules named, by pattern, with their own settings instead of
+            finding FFNs: ``{"encoder.*.ffn": {"ghosts": 16, "init": "random"}}`` (keys ``ghosts``,
+            ``init``, ``overlap``; the arguments above for what an entry leaves out). A pattern
+            that matches no module is an error at setup (lightning_phantom.strategy.module_plan).
     """
 
     strategy_name = "phantom"
@@ -122,6 +127,7 @@ class PhantomStrategy(ParallelStrategy):
         timeout: Optional[Union[timedelta, float]] = default_pg_timeout,
         detect_non_finite: bool = True,
         process_group_backend: Optional[str] = None,
+        plan: Optional[Mapping[str, Mapping[str, Any]]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment=None,
@@ -130,6 +136,10 @@ class PhantomStrategy(ParallelStrategy):
         self._phantom_parallel_size = check_size("phantom_parallel_size", phantom_parallel_size)
         self._data_parallel_size = check_size("data_parallel_size", data_parallel_size)
         self._ghosts = _check_ghosts(ghosts)
+        self._plan = check_plan(plan, _check_ghosts)
+        if self._plan is not None and isinstance(self._ghosts, Mapping):
+            raise ValueError("Give per-module ghosts either in ghosts={name: ...} or in plan={pattern: {'ghosts': "
+                             "...}}, not both.")
         if init not in ("svd", "random"):
             raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
         self._init, self._overlap = init, bool(overlap)
@@ -287,7 +297,19 @@ class PhantomStrategy(ParallelStrategy):
     def _shard(self, module: nn.Module) -> None:
         """Replace every eligible FFN by this rank's PhantomFFN; all checks first, so all ranks fail alike."""
         p = self.layout.phantom
-        built, convert, rejected = _find_ffns(module, p)
+        settings: dict[str, ModuleSettings] = {}
+        if self._plan is not None:  # exactly the modules the user named
+            matched = match_plan(module, self._plan)
+            settings = {name: entry for name, _, entry in matched}
+            built = [(name, m) for name, m, _ in matched if isinstance(m, PhantomFFN)]
+            convert = [(name, m) for name, m, _ in matched if not isinstance(m, PhantomFFN)]
+            for name, seq in convert:
+                reason = _ineligible(seq, name, p)
+                if reason:
+                    raise ValueError(f"plan names {name!r}, which cannot be sharded: {reason}")
+            rejected = []
+        else:
+            built, convert, rejected = _find_ffns(module, p)
         for name, ffn in built:
             if ffn.shard.size != p:
                 raise ValueError(
@@ -315,6 +337,8 @@ class PhantomStrategy(ParallelStrategy):
         plans = []
         for name, seq in convert:
             spec = self._ghosts.get(name, "auto") if per_module else self._ghosts
+            if name in settings and settings[name].ghosts is not None:
+                spec = settings[name].ghosts
             plans.append((name, seq, _ghosts_for(name, seq, spec, p)))
 
         for name, ffn in built:  # the user's own, or converted by an earlier fit/validate/...
@@ -328,15 +352,19 @@ class PhantomStrategy(ParallelStrategy):
             sizes = [linears[0].in_features] + [lin.out_features for lin in linears]
             if id(seq) in done:
                 ffn, how = done[id(seq)], "shared"
-            elif any(t.is_meta for t in seq.parameters()):
-                how = "random, from meta"
-                ffn = to_phantom(seq, ghosts, self.phantom_group, "random", self._overlap)
             else:
-                seq.to(self.root_device)
-                # The SVD shards of one model must come from one set of dense weights: rank 0's.
-                _broadcast(list(seq.parameters()), None, 0)
-                how = self._init
-                ffn = to_phantom(seq, ghosts, self.phantom_group, self._init, self._overlap)
+                entry = settings.get(name, ModuleSettings())
+                init = entry.init or self._init
+                overlap = self._overlap if entry.overlap is None else entry.overlap
+                if any(t.is_meta for t in seq.parameters()):
+                    how = "random, from meta"
+                    ffn = to_phantom(seq, ghosts, self.phantom_group, "random", overlap)
+                else:
+                    seq.to(self.root_device)
+                    # The SVD shards of one model must come from one set of dense weights: rank 0's.
+                    _broadcast(list(seq.parameters()), None, 0)
+                    how = init
+                    ffn = to_phantom(seq, ghosts, self.phantom_group, init, overlap)
             done[id(seq)] = ffn
             parent, _, attr = name.rpartition(".")
             setattr(module.get_submodule(parent), attr, ffn)
