@@ -59,10 +59,11 @@ class MLP(L.LightningModule):
 
 
 def data(n: int, seed: int) -> TensorDataset:
-    """A smooth teacher function of the inputs, with noise."""
+    """Samples (drawn with ``seed``) of one smooth teacher function, with noise."""
+    teacher = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(D_IN, 64, generator=teacher) / D_IN ** 0.5, torch.randn(64, D_OUT, generator=teacher) / 8
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D_IN, generator=g)
-    w1, w2 = torch.randn(D_IN, 64, generator=g) / D_IN ** 0.5, torch.randn(64, D_OUT, generator=g) / 8
     return TensorDataset(x, torch.tanh(x @ w1) @ w2 + 0.05 * torch.randn(n, D_OUT, generator=g))
 
 
