@@ -9,6 +9,9 @@ from torch import nn
 
 import lightning_phantom as lp
 from lightning_phantom.cost.model import phantom_cost
+from lightning_phantom.nn import gather_shards, sharded_parameters
+from lightning_phantom.nn.convert import _dense_sequential
+from lightning_phantom.nn.norms import PhantomNorm
 from conftest import run_ranks
 
 WIDTH = 8
@@ -45,7 +48,7 @@ def matches_dense():
     p = dist.get_world_size()
     dense = nested_dense()
     ffn = lp.to_phantom(dense, ghosts=WIDTH // p)  # "full": exact
-    kinds = sorted({type(m).__name__ for m in ffn.modules() if isinstance(m, lp.nn.norms.PhantomNorm)})
+    kinds = sorted({type(m).__name__ for m in ffn.modules() if isinstance(m, PhantomNorm)})
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 5, dtype=torch.float64, generator=g)
     train_err = (ffn(x) - dense(x)).abs().max().item()  # batch statistics; updates running ones alike
@@ -54,11 +57,11 @@ def matches_dense():
     back = lp.to_dense(ffn)  # the user's structure and keys, and the updated running statistics
     same_type = [type(m) for m in back.modules()] == [type(m) for m in dense.modules()]
     dense_err = _max_diff(back.state_dict(), dense.state_dict())
-    one = lp.merge_shards(lp.gather_shards(ffn), p)[0]
+    one = lp.merge_shards(gather_shards(ffn), p)[0]
     merged_err = _max_diff(one.state_dict(), ffn.state_dict()) if p == 1 else None
-    halves = lp.merge_shards(lp.gather_shards(ffn), p // 2) if p > 2 else []
+    halves = lp.merge_shards(gather_shards(ffn), p // 2) if p > 2 else []
     twice = lp.merge_shards(halves, 2)[0] if halves else one
-    merge_err = _max_diff(lp.nn.convert._dense_sequential(twice).state_dict(), dense.state_dict())
+    merge_err = _max_diff(_dense_sequential(twice).state_dict(), dense.state_dict())
     return train_err, eval_err, same_type, dense_err, merge_err, merged_err, kinds, list(ffn.state_dict())
 
 
@@ -104,7 +107,7 @@ def finite_differences(h: float = 1e-6):
 
     loss().backward()
     worst, checked = 0.0, 0
-    sharded = {id(t) for t in lp.sharded_parameters(ffn)}
+    sharded = {id(t) for t in sharded_parameters(ffn)}
     with torch.no_grad():
         for owner in range(p):  # one rank perturbs its shard, all run the forward
             for name, param in ffn.named_parameters():

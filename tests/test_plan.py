@@ -11,8 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_phantom as lp
-from lightning_phantom.strategy.module_plan import check_plan, match_plan
-from lightning_phantom.strategy.phantom import _check_ghosts
+from lightning_phantom.nn.plan import PhantomPlan, plan_module
 from conftest import run_ranks
 
 
@@ -45,15 +44,13 @@ class Encoder(L.LightningModule):
         return self(batch[0])
 
 
-def plan(p):
-    return check_plan(p, _check_ghosts)
-
-
-def test_match_plan_names_modules_and_settings():
-    model = Encoder()
-    matched = match_plan(model, plan({"encoder.*.ffn": {"ghosts": 2, "init": "random"}}))
-    assert [(name, s.ghosts, s.init) for name, _, s in matched] == [("encoder.0.ffn", 2, "random"),
-                                                                  ("encoder.1.ffn", 2, "random")]
+def test_explicit_plan_names_modules_with_their_settings():
+    plan = PhantomPlan(ghosts="full", modules={"encoder.*.ffn": {"ghosts": 2, "init": "random"},
+                                               "head": {"overlap": False}})
+    found = plan_module(Encoder(), plan, 2)
+    assert [(f.name, f.ghosts, f.init, f.overlap) for f, _ in found.convert] == [
+        ("encoder.0.ffn", (2,), "random", True), ("encoder.1.ffn", (2,), "random", True),
+        ("head", (4,), "svd", False)]  # head: the request's ghosts="full", its own overlap
 
 
 @pytest.mark.parametrize("entries, words", [
@@ -64,7 +61,7 @@ def test_match_plan_names_modules_and_settings():
 ])
 def test_bad_plan_for_the_model_is_a_clear_error(entries, words):
     with pytest.raises(ValueError) as err:
-        match_plan(Encoder(), plan(entries))
+        plan_module(Encoder(), PhantomPlan(modules=entries), 2)
     for word in words:
         assert word in str(err.value)
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_phantom.ops.comm import GroupInfo
-from lightning_phantom.nn.layers import ShardSpec, _shard_info, _Sharded
+from lightning_phantom.nn.shard import ShardSpec, _shard_info, _Sharded
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, call) pairs over the seed space
 

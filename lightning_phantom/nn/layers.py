@@ -1,7 +1,7 @@
 """Phantom-parallel layers: this rank's shard of each layer of an FFN.
 
 * ``ColumnParallelLinear`` — first layer: replicated input, this rank's c output neurons.
-* ``PhantomLinear`` — hidden layer: local block + compressor + decompressors (PHANTOM.md).
+* ``PhantomLinear`` — hidden layer: local block + compressor + decompressors (docs/operator.md §2).
 * ``RowParallelLinear`` — last layer: partial products summed over the group, full output.
 * ``PhantomFFN`` — an ``nn.Sequential`` of those with element-wise activations between,
   so a converted model keeps the state-dict keys (``0.weight``, ``2.compress`` …) and the
@@ -19,14 +19,15 @@ from collections import OrderedDict
 from typing import Mapping, Sequence, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_phantom.nn.ghosts import GhostSpec, resolve_ghosts
 from lightning_phantom.ops.comm import GroupInfo, copy_to_phantom, reduce_from_phantom
 from lightning_phantom.ops.operator import PhantomLinearFunction
+from lightning_phantom.nn.dropout import ShardedDropout, draw_seed
+from lightning_phantom.nn.shard import ShardSpec, _check_divisible, _shard_info, _Sharded
 
-ShardSpec = Union[GroupInfo, tuple, None]
 
 # Modules that act on each element alone: they commute with slicing a layer's neurons
 # over ranks, so they may sit between phantom layers unchanged.
@@ -40,26 +41,6 @@ ACTIVATIONS = {
 }
 
 
-def _shard_info(group, shard: ShardSpec) -> GroupInfo:
-    if shard is None:
-        return GroupInfo.of(group)
-    if isinstance(shard, GroupInfo):
-        return shard
-    rank, size = shard
-    if not (isinstance(size, int) and size >= 1 and isinstance(rank, int) and 0 <= rank < size):
-        raise ValueError(f"shard must be (rank, size) with 0 <= rank < size, got {shard!r}")
-    return GroupInfo(group, rank, size)
-
-
-def _check_divisible(what: str, width: int, size: int) -> int:
-    if width % size:
-        raise ValueError(
-            f"{what} ({width}) is not divisible by the phantom group size ({size}): each rank holds "
-            f"{width}/{size} neurons. Choose a width that is a multiple of {size} or another group size."
-        )
-    return width // size
-
-
 def _shard_generator(rank: int, device) -> torch.Generator:
     """A generator distinct per phantom rank and reproducible under a global seed.
 
@@ -69,34 +50,6 @@ def _shard_generator(rank: int, device) -> torch.Generator:
     """
     seed = int(torch.randint(0, 2**62, (1,)).item()) + 7919 * rank
     return torch.Generator(device=device).manual_seed(seed)
-
-
-class _Sharded(nn.Module):
-    """A module holding this rank's slice of something split over a phantom group.
-
-    Its parameters (and buffers, e.g. a BatchNorm's running statistics) differ between
-    the ranks of the group, except those named in ``replicated``.
-    """
-
-    shard: GroupInfo
-    replicated: tuple[str, ...] = ()
-
-    def _check_group(self) -> None:
-        s = self.shard
-        if s.size == 1:
-            return
-        if not dist.is_initialized():
-            raise RuntimeError(
-                f"{type(self).__name__} is shard {s.rank} of {s.size} but torch.distributed is not "
-                "initialised; run it in the phantom group it was built for, or call to_dense() for one process."
-            )
-        size, rank = dist.get_world_size(s.group), dist.get_rank(s.group)
-        if (size, rank) != (s.size, s.rank):
-            raise RuntimeError(
-                f"{type(self).__name__} holds shard {s.rank} of {s.size}, but its process group has size "
-                f"{size} and this process is rank {rank} in it. Re-shard the model for this group "
-                "(lightning_phantom.merge_shards) or run it with the group it was built for."
-            )
 
 
 class _Shard(_Sharded):
@@ -188,7 +141,7 @@ class RowParallelLinear(_Shard):
 
 
 class PhantomLinear(_Shard):
-    """One hidden phantom layer, this rank's shard (PHANTOM.md, "Parameters held by rank i").
+    """One hidden phantom layer, this rank's shard (docs/operator.md §2).
 
     ``weight`` is L_i (c × a), ``bias`` b_i (c), ``compress`` C_i (ghosts × a) and
     ``decompress`` the decompressors [D_ij]_{j≠i} side by side (c × (p−1)·ghosts). With a
@@ -203,11 +156,7 @@ class PhantomLinear(_Shard):
         p = self.shard.size
         a = _check_divisible("in_features", in_features, p)
         c = _check_divisible("out_features", out_features, p)
-        if not isinstance(ghosts, int) or isinstance(ghosts, bool) or not 1 <= ghosts <= a:
-            raise ValueError(
-                f"ghosts must be an integer with 1 <= ghosts <= in_features/p = {in_features}/{p} = {a}, "
-                f"got {ghosts!r}. Fewer ghosts send less; ghosts = {a} can represent any dense layer."
-            )
+        (ghosts,) = resolve_ghosts(ghosts, [in_features], p, type(self).__name__)
         self.in_features, self.out_features, self.ghosts, self.overlap = in_features, out_features, ghosts, overlap
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(c, a, **factory))
@@ -284,15 +233,6 @@ def _activation(activation) -> nn.Module:
     raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or an nn.Module, got {activation!r}")
 
 
-def ghosts_per_layer(ghosts: Union[int, Sequence[int]], hidden_layers: int) -> list[int]:
-    if isinstance(ghosts, int) and not isinstance(ghosts, bool):
-        return [ghosts] * hidden_layers
-    ghosts = list(ghosts)
-    if len(ghosts) != hidden_layers:
-        raise ValueError(f"ghosts has {len(ghosts)} entries but the FFN has {hidden_layers} hidden phantom layers")
-    return ghosts
-
-
 class PhantomFFN(nn.Sequential):
     """This rank's shard of a feed-forward network in phantom-parallel form.
 
@@ -303,7 +243,7 @@ class PhantomFFN(nn.Sequential):
     tensor on every rank, so losses and metrics are written as for one device.
     """
 
-    def __init__(self, sizes: Sequence[int], ghosts: Union[int, Sequence[int]], activation="relu",
+    def __init__(self, sizes: Sequence[int], ghosts: Union[GhostSpec, Sequence[int]] = "auto", activation="relu",
                  dropout: float = 0.0, group=None, bias: bool = True, *, overlap: bool = True,
                  shard: ShardSpec = None, device=None, dtype=None) -> None:
         sizes = list(sizes)
@@ -312,10 +252,8 @@ class PhantomFFN(nn.Sequential):
                 f"PhantomFFN needs at least 3 linear layers (sizes = [d_in, n_1, n_2, d_out]), got sizes={sizes}: "
                 "with fewer there is no hidden-to-hidden layer to make phantom."
             )
-        from lightning_phantom.nn.dropout import ShardedDropout, draw_seed  # built on _Sharded, below
-
         info = _shard_info(group, shard)
-        per_layer = ghosts_per_layer(ghosts, len(sizes) - 3)
+        per_layer = resolve_ghosts(ghosts, sizes[1:-2], info.size, type(self).__name__)
         kw = {"bias": bias, "shard": info, "device": device, "dtype": dtype}
         seed = draw_seed() if dropout else 0
 

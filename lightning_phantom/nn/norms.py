@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_phantom.ops.comm import GroupInfo, reduce_statistics
-from lightning_phantom.nn.layers import ShardSpec, _check_divisible, _shard_info, _Sharded
+from lightning_phantom.nn.shard import ShardSpec, _check_divisible, _shard_info, _Sharded
 
 
 class PhantomNorm(_Sharded):

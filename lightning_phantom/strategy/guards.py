@@ -25,6 +25,8 @@ from torch import Tensor
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from lightning_phantom._checks import positive_int
+
 _LOSS, _GRADIENT = 1, 2  # bits of a rank's verdict
 
 
@@ -48,7 +50,7 @@ class NonFiniteGuard(Callback):
         check_loss: check the loss handed to ``backward``.
         check_gradients: check every gradient after ``backward``. Skipped while a
             ``GradScaler`` is active (``precision="16-mixed"``): it expects inf gradients
-            and skips those steps itself (on every rank, see ``strategy._synced_scaler``).
+            and skips those steps itself (on every rank, see ``strategy.precision``).
         max_names: parameters named per rank in the message (all are in ``error.tensors``).
 
     Cost: per backward, one max-abs reduction over the gradients (fused, as in
@@ -56,9 +58,8 @@ class NonFiniteGuard(Callback):
     """
 
     def __init__(self, check_loss: bool = True, check_gradients: bool = True, max_names: int = 5) -> None:
-        if not isinstance(max_names, int) or max_names < 1:
-            raise ValueError(f"max_names must be a positive int, got {max_names!r}")
-        self.check_loss, self.check_gradients, self.max_names = bool(check_loss), bool(check_gradients), max_names
+        self.max_names = positive_int("max_names", max_names)
+        self.check_loss, self.check_gradients = bool(check_loss), bool(check_gradients)
         self._batch_idx: Optional[int] = None
         self._reset()
 
