@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from lightning_phantom._checks import positive_int
 from lightning_phantom.nn.ghosts import resolve_ghosts
@@ -158,13 +158,39 @@ def _all_reduce_bytes(p: int, numel: int, e: int) -> Fraction:
     return Fraction(2 * (p - 1) * numel * e, p)
 
 
+#: Row statistics each sharded norm all-reduces per row (forward, and again backward), and
+#: its parameters per feature (affine weight and bias; RMSNorm has no bias).
+NORM_STATISTICS = {"layernorm": 2, "rmsnorm": 1, "batchnorm": 0}
+NORM_PARAMS = {"layernorm": 2, "rmsnorm": 1, "batchnorm": 2}
+
+
+def norm_cost(kind: str, features: int, p: int, rows: int, element_size: int = 4) -> LayerCost:
+    """Per-rank cost of a sharded norm over ``features`` (lightning_phantom.nn.norms), one step.
+
+    LayerNorm/RMSNorm all-reduce 2/1 partial sums per row forward, and the same backward
+    (``reduce_statistics``); BatchNorm1d is per feature and sends nothing. Their arithmetic
+    is element-wise, no multiply-add of a matrix product: 0 MACs, as FlopCounterMode counts.
+    """
+    if kind not in NORM_STATISTICS:
+        raise ValueError(f"norm kind must be one of {sorted(NORM_STATISTICS)}, got {kind!r}")
+    c = features // p
+    stats = rows * NORM_STATISTICS[kind]
+    calls = (("all_reduce", stats),) if p > 1 and stats else ()
+    sent = _all_reduce_bytes(p, stats, element_size) if calls else Fraction(0)
+    return LayerCost(kind, features, features, 0, params=NORM_PARAMS[kind] * c, macs_fwd=0, macs_bwd=0,
+                     sent_bytes_fwd=sent, sent_bytes_bwd=sent, collectives_fwd=calls, collectives_bwd=calls)
+
+
 def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]], rows: int,
-                 element_size: int = 4, *, input_requires_grad: bool = False) -> StepCost:
+                 element_size: int = 4, *, input_requires_grad: bool = False,
+                 norms: Optional[Mapping[int, str]] = None) -> StepCost:
     """Per-rank cost of one step of ``PhantomFFN(sizes, ghosts)`` on a phantom group of ``p``.
 
     With p = 1 every layer is a plain Linear (``PhantomLinear`` has no compressor then)
     and nothing is communicated; with L = 2 Linear layers there is no phantom layer and
-    the model is a Megatron column/row pair.
+    the model is a Megatron column/row pair. ``norms`` maps a hidden width's index i
+    (1 <= i < L, the output of Linear i-1) to the kind of norm after it ("layernorm",
+    "rmsnorm", "batchnorm"; see ``norm_cost``).
     """
     p = positive_int("p", p, 1)
     rows = positive_int("rows", rows, 1)
@@ -224,6 +250,10 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
         sent_bytes_bwd=Fraction(0),
         collectives_fwd=(("all_reduce", rows * d_out),) if comm else (), collectives_bwd=(),
     ))
+    for width in sorted(norms or {}, reverse=True):  # after Linear width-1, before Linear width
+        if not 1 <= width < len(sizes) - 1:
+            raise ValueError(f"norms keys are hidden-width indices 1..{len(sizes) - 2}, got {width!r}")
+        layers.insert(width, norm_cost(norms[width], sizes[width], p, rows, e))
     return StepCost.from_layers("phantom", sizes, p, rows, e, input_requires_grad, layers)
 
 

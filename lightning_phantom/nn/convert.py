@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -19,39 +20,76 @@ from torch import Tensor, nn
 from lightning_phantom.ops.comm import GroupInfo, all_gather_into
 from lightning_phantom.nn.ghosts import resolve_ghosts
 from lightning_phantom.nn.layers import (
-    ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard,
+    ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard, leaf_layers,
 )
+from lightning_phantom.nn.dropout import ReplicatedDropout, ShardedDropout, _SeededDropout, draw_seed
+from lightning_phantom.nn.norms import PHANTOM_NORMS, PhantomNorm, merge_norms, norm_refusal, shard_norm
 
 
 def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
-    """The Linear layers of an FFN, or a ValueError saying why ``module`` is not one."""
+    """The Linear layers of an FFN, or a ValueError saying why ``module`` is not one.
+
+    An FFN is an ``nn.Sequential`` whose layers — nested ``nn.Sequential`` blocks flattened —
+    are ``nn.Linear``, element-wise layers, and ``nn.LayerNorm``/``nn.RMSNorm``/``nn.BatchNorm1d``
+    over the features of the layer before.
+    """
     if not isinstance(module, nn.Sequential):
-        raise TypeError(f"{name} must be an nn.Sequential of nn.Linear and element-wise layers, "
-                        f"got {type(module).__name__}")
+        raise TypeError(f"{name} must be an nn.Sequential of nn.Linear, norm and element-wise layers "
+                        f"(blocks may be nested nn.Sequentials), got {type(module).__name__}. A module with its "
+                        "own forward (a residual connection, say) cannot be split: shard the nn.Sequential "
+                        "inside it instead, or keep it dense.")
     linears = []
     seen: dict[int, str] = {}
-    for idx, child in enumerate(module):
+    width = None  # features of the activation at this point, once a Linear has set them
+    for path, child in leaf_layers(module):
+        where = f"{name}.{path}"
         for pname, param in child.named_parameters():
             if id(param) in seen:
                 raise ValueError(
-                    f"{name}[{idx}].{pname} is the same tensor as {seen[id(param)]}: sharding would untie "
+                    f"{where}.{pname} is the same tensor as {seen[id(param)]}: sharding would untie "
                     "shared weights silently. Give each layer its own weights (or keep this FFN dense)."
                 )
-            seen[id(param)] = f"{name}[{idx}].{pname}"
+            seen[id(param)] = f"{where}.{pname}"
         if type(child) is nn.Linear:
             if linears and child.in_features != linears[-1].out_features:
-                raise ValueError(f"{name}[{idx}] takes {child.in_features} features but the Linear before it "
+                raise ValueError(f"{where} takes {child.in_features} features but the Linear before it "
                                  f"gives {linears[-1].out_features}")
             linears.append(child)
+            width = child.out_features
+        elif type(child) in PHANTOM_NORMS:
+            features, _ = PHANTOM_NORMS[type(child)].dense_config(child)
+            why = norm_refusal(child) or (
+                f"it normalises {features} features but the Linear before it gives {width}"
+                if width is not None and features != width else None)
+            if why:
+                raise ValueError(f"{where} is {type(child).__name__}, which phantom parallelism cannot shard: "
+                                 f"{why}. Make it match its Linear layer, or keep this FFN dense.")
         elif not isinstance(child, ELEMENTWISE):
             raise ValueError(
-                f"{name}[{idx}] is {type(child).__name__}, which is not an nn.Linear or an element-wise layer "
-                f"({', '.join(t.__name__ for t in ELEMENTWISE[:8])}, …); phantom parallelism shards only such FFNs."
+                f"{where} is {type(child).__name__}, which is not an nn.Linear, a norm "
+                f"({', '.join(t.__name__ for t in PHANTOM_NORMS)}) or an element-wise layer "
+                f"({', '.join(t.__name__ for t in ELEMENTWISE[:8])}, …); phantom parallelism shards only such "
+                "FFNs. A residual connection or another custom block cannot be split: keep the FFN inside it "
+                "an nn.Sequential (a residual block's inner FFN is then sharded), or keep this module dense."
             )
     if len(linears) < 3:
         raise ValueError(f"{name} has {len(linears)} Linear layer(s); phantom parallelism needs at least 3 "
                          "(first, one hidden-to-hidden, last).")
     return linears
+
+
+def _rebuild(seq: nn.Sequential, layer_fn, top=PhantomFFN.from_layers, prefix: str = "") -> nn.Sequential:
+    """``seq`` with every layer replaced by ``layer_fn(path, layer)``, the nesting and child names kept,
+    so the result has the state-dict keys of ``seq`` (``0.0.weight``, ``block1.fc.weight`` …)."""
+    children = OrderedDict()
+    for name, child in seq.named_children():
+        path = prefix + name
+        children[name] = (_rebuild(child, layer_fn, nn.Sequential, path + ".") if type(child) is nn.Sequential
+                          else layer_fn(path, child))
+        children[name].training = child.training  # a BatchNorm in eval mode stays in eval mode
+    out = top(children)
+    out.training = seq.training
+    return out
 
 
 def _new_like(cls, *args, info: GroupInfo, bias: bool, like: Tensor, **kw):
@@ -126,14 +164,28 @@ def to_phantom(module: nn.Sequential, ghosts, group=None, init: str = "svd", ove
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     info = GroupInfo.of(group)
     ghost_iter = iter(resolve_ghosts(ghosts, [lin.in_features for lin in linears[1:-1]], info.size, "to_phantom"))
-    return PhantomFFN.from_layers(
-        [_convert_child(child, linears, ghost_iter, info, overlap, random=init == "random") for child in module]
-    )
+    leaves = leaf_layers(module)
+    first, last = ([i for i, (_, m) in enumerate(leaves) if m is lin][0] for lin in (linears[0], linears[-1]))
+    sharded = {path for path, _ in leaves[first + 1:last]}  # activations split over the group
+    dropouts = [path for path, m in leaves if type(m) is nn.Dropout]
+    seed = draw_seed() if dropouts else 0  # one draw, so every rank's global stream stays in step
+
+    def convert(path: str, child: nn.Module) -> nn.Module:
+        if type(child) in PHANTOM_NORMS and path in sharded:
+            return shard_norm(child, info, fresh=init == "random")
+        if type(child) is nn.Dropout:
+            layer_seed = seed + 104729 * dropouts.index(path)
+            if path in sharded:
+                return ShardedDropout.for_rank(child.p, layer_seed, info)
+            return ReplicatedDropout(child.p, layer_seed)
+        return _convert_child(child, linears, ghost_iter, info, overlap, random=init == "random")
+
+    return _rebuild(module, convert)
 
 
 def _convert_child(child, linears, ghost_iter, info: GroupInfo, overlap: bool, random: bool) -> nn.Module:
     if type(child) is not nn.Linear:
-        return copy.deepcopy(child)
+        return copy.deepcopy(child)  # element-wise, or a norm on the replicated input/output
     p, i = info.size, info.rank
     w, b = child.weight.detach(), None if child.bias is None else child.bias.detach()
     kw = {"bias": b is not None, "shard": info, "device": w.device, "dtype": w.dtype}
@@ -184,8 +236,13 @@ def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
     shards = []
     for rank in range(info.size):
         shard_info = GroupInfo(None, rank, info.size)
-        layers = [_empty_shard(m, shard_info, m.weight) if isinstance(m, _Shard) else copy.deepcopy(m) for m in ffn]
-        shard = PhantomFFN.from_layers(layers)
+
+        def empty(path: str, m: nn.Module, shard_info=shard_info) -> nn.Module:
+            if isinstance(m, _Shard):
+                return _empty_shard(m, shard_info, m.weight)
+            return m.rebuild(shard_info) if isinstance(m, (PhantomNorm, ShardedDropout)) else copy.deepcopy(m)
+
+        shard = _rebuild(ffn, empty)
         shard.load_state_dict({name: t[rank] for name, t in gathered.items()})
         shards.append(shard)
     return shards
@@ -238,35 +295,42 @@ def merge_shards(shards: Sequence[PhantomFFN], m: int) -> list[PhantomFFN]:
     for r in range(p // m):
         info = GroupInfo(None, r, p // m)
         own = range(r * m, (r + 1) * m)
-        layers = []
-        for idx, layer in enumerate(shards[0]):
-            parts = [s[idx] for s in shards]
+
+        def merge(path: str, layer: nn.Module, r=r, own=own, info=info) -> nn.Module:
+            parts = [s.get_submodule(path) for s in shards]
             if isinstance(layer, PhantomLinear):
-                layers.append(_merge_phantom(parts, r, m, info))
-            elif isinstance(layer, ColumnParallelLinear):
+                return _merge_phantom(parts, r, m, info)
+            if isinstance(layer, ColumnParallelLinear):
                 new = _empty_shard(layer, info, layer.weight)
                 bias = None if layer.bias is None else torch.cat([parts[i].bias for i in own])
-                layers.append(_assign(new, weight=torch.cat([parts[i].weight for i in own]), bias=bias))
-            elif isinstance(layer, RowParallelLinear):
+                return _assign(new, weight=torch.cat([parts[i].weight for i in own]), bias=bias)
+            if isinstance(layer, RowParallelLinear):
                 new = _empty_shard(layer, info, layer.weight)
-                layers.append(_assign(new, weight=torch.cat([parts[i].weight for i in own], dim=1), bias=layer.bias))
-            else:
-                layers.append(copy.deepcopy(layer))
-        merged.append(PhantomFFN.from_layers(layers))
+                return _assign(new, weight=torch.cat([parts[i].weight for i in own], dim=1), bias=layer.bias)
+            if isinstance(layer, PhantomNorm):
+                return merge_norms(parts, own, info)
+            if isinstance(layer, ShardedDropout):  # the first merged rank's stream goes on
+                return _assign(layer.rebuild(info), rng=parts[own[0]].rng)
+            return copy.deepcopy(layer)
+
+        merged.append(_rebuild(shards[0], merge))
     return merged
 
 
 def _dense_sequential(ffn: PhantomFFN) -> nn.Sequential:
-    layers = []
-    for layer in ffn:
+    """A one-shard PhantomFFN as plain torch modules, nested and named as the user's FFN was."""
+
+    def dense(path: str, layer: nn.Module) -> nn.Module:
         if isinstance(layer, _Shard):
             w = layer.weight
-            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                              device=w.device, dtype=w.dtype)
-            layers.append(_assign(dense, weight=w, bias=layer.bias))
-        else:
-            layers.append(copy.deepcopy(layer))
-    return nn.Sequential(*layers)
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=w.device, dtype=w.dtype)
+            return _assign(linear, weight=w, bias=layer.bias)
+        if isinstance(layer, (PhantomNorm, _SeededDropout)):
+            return layer.to_dense()
+        return copy.deepcopy(layer)
+
+    return _rebuild(ffn, dense, nn.Sequential)
 
 
 def to_dense(module: nn.Module) -> nn.Module:

@@ -15,18 +15,19 @@ conversion, merging and ``to_dense`` assemble shards on one process.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections import OrderedDict
+from typing import Mapping, Sequence, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_phantom.nn.ghosts import GhostSpec, resolve_ghosts
 from lightning_phantom.ops.comm import GroupInfo, copy_to_phantom, reduce_from_phantom
 from lightning_phantom.ops.operator import PhantomLinearFunction
+from lightning_phantom.nn.dropout import ShardedDropout, draw_seed
+from lightning_phantom.nn.shard import ShardSpec, _check_divisible, _shard_info, _Sharded
 
-ShardSpec = Union[GroupInfo, tuple, None]
 
 # Modules that act on each element alone: they commute with slicing a layer's neurons
 # over ranks, so they may sit between phantom layers unchanged.
@@ -40,26 +41,6 @@ ACTIVATIONS = {
 }
 
 
-def _shard_info(group, shard: ShardSpec) -> GroupInfo:
-    if shard is None:
-        return GroupInfo.of(group)
-    if isinstance(shard, GroupInfo):
-        return shard
-    rank, size = shard
-    if not (isinstance(size, int) and size >= 1 and isinstance(rank, int) and 0 <= rank < size):
-        raise ValueError(f"shard must be (rank, size) with 0 <= rank < size, got {shard!r}")
-    return GroupInfo(group, rank, size)
-
-
-def _check_divisible(what: str, width: int, size: int) -> int:
-    if width % size:
-        raise ValueError(
-            f"{what} ({width}) is not divisible by the phantom group size ({size}): each rank holds "
-            f"{width}/{size} neurons. Choose a width that is a multiple of {size} or another group size."
-        )
-    return width // size
-
-
 def _shard_generator(rank: int, device) -> torch.Generator:
     """A generator distinct per phantom rank and reproducible under a global seed.
 
@@ -71,28 +52,10 @@ def _shard_generator(rank: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-class _Shard(nn.Module):
-    """What all phantom layers share: where they sit in the group and input checks."""
+class _Shard(_Sharded):
+    """What the phantom Linear layers share: sizes and input checks."""
 
-    shard: GroupInfo
     in_features: int
-
-    def _check_group(self) -> None:
-        s = self.shard
-        if s.size == 1:
-            return
-        if not dist.is_initialized():
-            raise RuntimeError(
-                f"{type(self).__name__} is shard {s.rank} of {s.size} but torch.distributed is not "
-                "initialised; run it in the phantom group it was built for, or call to_dense() for one process."
-            )
-        size, rank = dist.get_world_size(s.group), dist.get_rank(s.group)
-        if (size, rank) != (s.size, s.rank):
-            raise RuntimeError(
-                f"{type(self).__name__} holds shard {s.rank} of {s.size}, but its process group has size "
-                f"{size} and this process is rank {rank} in it. Re-shard the model for this group "
-                "(lightning_phantom.merge_shards) or run it with the group it was built for."
-            )
 
     def _check_input(self, x: Tensor, width: int) -> None:
         if x.shape[-1] != width:
@@ -292,33 +255,45 @@ class PhantomFFN(nn.Sequential):
         info = _shard_info(group, shard)
         per_layer = resolve_ghosts(ghosts, sizes[1:-2], info.size, type(self).__name__)
         kw = {"bias": bias, "shard": info, "device": device, "dtype": dtype}
+        seed = draw_seed() if dropout else 0
+
+        def drop(i: int) -> list[nn.Module]:  # between sharded layers: this rank's own masks
+            return [ShardedDropout.for_rank(dropout, seed + 104729 * i, info)] if dropout else []
+
         layers: list[nn.Module] = [ColumnParallelLinear(sizes[0], sizes[1], **kw)]
         for i, k in enumerate(per_layer, start=1):
-            layers += [_activation(activation)] + ([nn.Dropout(dropout)] if dropout else [])
+            layers += [_activation(activation)] + drop(i)
             layers.append(PhantomLinear(sizes[i], sizes[i + 1], k, overlap=overlap, **kw))
-        layers += [_activation(activation)] + ([nn.Dropout(dropout)] if dropout else [])
+        layers += [_activation(activation)] + drop(0)
         layers.append(RowParallelLinear(sizes[-2], sizes[-1], **kw))
         super().__init__(*layers)
 
     @classmethod
-    def from_layers(cls, layers: Sequence[nn.Module]) -> "PhantomFFN":
-        """Assemble already-built shards (used by conversion and merging)."""
+    def from_layers(cls, layers: Union[Sequence[nn.Module], Mapping[str, nn.Module]]) -> "PhantomFFN":
+        """Assemble already-built shards (used by conversion and merging); a mapping keeps child names."""
         ffn = cls.__new__(cls)
-        nn.Sequential.__init__(ffn, *layers)
+        if isinstance(layers, Mapping):
+            nn.Sequential.__init__(ffn, OrderedDict(layers))
+        else:
+            nn.Sequential.__init__(ffn, *layers)
         return ffn
+
+    def layers(self) -> list[nn.Module]:
+        """The layers in order, with nested ``nn.Sequential`` blocks flattened."""
+        return [m for _, m in leaf_layers(self)]
 
     @property
     def shard(self) -> GroupInfo:
-        return next(m for m in self if isinstance(m, _Shard)).shard
+        return next(m for m in self.layers() if isinstance(m, _Shard)).shard
 
     @property
     def sizes(self) -> list[int]:
-        linears = [m for m in self if isinstance(m, _Shard)]
+        linears = [m for m in self.layers() if isinstance(m, _Shard)]
         return [linears[0].in_features] + [m.out_features for m in linears]
 
     @property
     def ghosts(self) -> list[int]:
-        return [m.ghosts for m in self if isinstance(m, PhantomLinear)]
+        return [m.ghosts for m in self.layers() if isinstance(m, PhantomLinear)]
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -329,6 +304,17 @@ class PhantomFFN(nn.Sequential):
         return super().forward(x)
 
 
+def leaf_layers(seq: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """(state-dict prefix, layer) of every layer of ``seq``, nested ``nn.Sequential`` blocks flattened."""
+    out = []
+    for name, child in seq.named_children():
+        if type(child) is nn.Sequential:
+            out += leaf_layers(child, f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, child))
+    return out
+
+
 def sharded_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Parameters split over a phantom group (each rank holds a different part).
 
@@ -337,16 +323,24 @@ def sharded_parameters(module: nn.Module) -> list[nn.Parameter]:
     """
     out = []
     for m in module.modules():
-        if isinstance(m, _Shard) and m.shard.size > 1:
-            skip = getattr(m, "replicated", ())
-            out += [p for name, p in m.named_parameters(recurse=False) if name not in skip]
+        if isinstance(m, _Sharded) and m.shard.size > 1:
+            out += [p for name, p in m.named_parameters(recurse=False) if name not in m.replicated]
+    return out
+
+
+def sharded_buffers(module: nn.Module) -> list[Tensor]:
+    """Buffers split over a phantom group, e.g. the running statistics of a sharded BatchNorm1d."""
+    out = []
+    for m in module.modules():
+        if isinstance(m, _Sharded) and m.shard.size > 1:
+            out += [b for name, b in m.named_buffers(recurse=False) if name not in m.replicated]
     return out
 
 
 def set_group(module: nn.Module, group) -> nn.Module:
     """Attach the phantom shards in ``module`` to ``group`` (e.g. after ``merge_shards``)."""
     for m in module.modules():
-        if isinstance(m, _Shard):
+        if isinstance(m, _Sharded):
             info = GroupInfo.of(group)
             if (info.size, info.rank) != (m.shard.size, m.shard.rank):
                 raise ValueError(

@@ -7,12 +7,20 @@ constructor, before any process starts. ``plan_module`` finds the FFNs of a mode
 the request into one ``FFNPlan`` per FFN, whose ghosts are plain counts checked for length
 and bound. ``resolve_ghosts`` is the only function that interprets a ghosts setting; the
 strategy, the app's pre-spawn check, the cost log line and the conversion read plans.
+
+An explicit plan, in the spirit of ``torch.distributed.tensor.parallel.parallelize_module``,
+names the modules to shard instead of finding them: ``modules={"encoder.*.ffn": {"ghosts":
+16}, "head": {"init": "random"}}``. Patterns are matched against ``named_modules()`` names
+with ``fnmatch``; each entry's settings (``ghosts``, ``init``, ``overlap``) override the
+request's. A pattern that matches nothing, a module matched twice, and a matched module that
+is not an FFN are errors, raised by ``plan_module`` on every rank alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, Optional, Union
 
 from torch import nn
@@ -23,6 +31,16 @@ from lightning_phantom.nn.layers import PhantomFFN
 
 INITS = ("svd", "random")
 GhostsRequest = Union[GhostSpec, Mapping[str, GhostSpec]]
+MODULE_SETTINGS = ("ghosts", "init", "overlap")
+
+
+@dataclass(frozen=True)
+class ModuleSettings:
+    """One entry of an explicit plan; ``None`` leaves the request's own setting."""
+
+    ghosts: Optional[GhostSpec] = None
+    init: Optional[str] = None
+    overlap: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -44,8 +62,15 @@ class PhantomPlan:
     ghosts: GhostsRequest = "auto"
     init: str = "svd"
     overlap: bool = True
+    #: Explicit plan: module-name pattern → ModuleSettings; None finds the FFNs itself.
+    modules: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self) -> None:
+        if self.modules is not None:
+            if isinstance(self.ghosts, Mapping):
+                raise ValueError("Give per-module ghosts either in ghosts={name: ...} or in the plan's "
+                                 "{pattern: {'ghosts': ...}}, not both.")
+            object.__setattr__(self, "modules", _check_modules(self.modules))
         if isinstance(self.ghosts, Mapping):
             names = [k for k in self.ghosts if not isinstance(k, str)]
             if names:
@@ -91,12 +116,15 @@ class ModulePlan:
 def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
     """Find the FFNs of ``module`` and plan each for phantom groups of ``p``; every check happens here.
 
-    An FFN is an ``nn.Sequential`` of ``nn.Linear`` and element-wise layers with at least 3
-    Linear layers whose hidden widths are divisible by ``p``. Raises if there is none (and no
+    An FFN is an ``nn.Sequential`` (of nested ``nn.Sequential`` blocks, possibly) of ``nn.Linear``,
+    norm and element-wise layers with at least 3 Linear layers whose hidden widths are divisible
+    by ``p``; with ``plan.modules``, exactly the modules it names. Raises if there is none (and no
     ``PhantomFFN`` either), or if a ghosts mapping names a module that is not one.
     """
     found = ModulePlan()
     dense: list[tuple[str, nn.Sequential]] = []
+    if plan.modules is not None:
+        return _plan_named(module, plan, p)
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in parent.named_children():
@@ -104,7 +132,7 @@ def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
             if isinstance(child, PhantomFFN):
                 found.built.append((name, child))
                 continue
-            if type(child) is nn.Sequential and any(type(m) is nn.Linear for m in child):
+            if type(child) is nn.Sequential and any(type(m) is nn.Linear for m in child.modules()):
                 reason = _ineligible(child, name, p)
                 if reason is None:
                     dense.append((name, child))
@@ -117,7 +145,8 @@ def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
         why = "".join(f"\n  - {name}: {reason}" for name, reason in found.rejected)
         raise ValueError(
             f"PhantomStrategy found nothing to shard in {type(module).__name__}. It converts FFNs: an "
-            "nn.Sequential of nn.Linear and element-wise layers (activations, dropout) with at least 3 "
+            "nn.Sequential (blocks may be nested nn.Sequentials) of nn.Linear, LayerNorm/RMSNorm/BatchNorm1d and "
+            "element-wise layers (activations, dropout) with at least 3 "
             f"Linear layers and hidden widths divisible by phantom({p}). Candidates:"
             f"{why or ' none (no nn.Sequential holding an nn.Linear).'}\nBuild the FFN that way, build "
             "lightning_phantom.PhantomFFN(..., group=self.trainer.strategy.phantom_group) in "
@@ -141,3 +170,77 @@ def _ineligible(seq: nn.Sequential, name: str, p: int) -> Optional[str]:
             return (f"hidden width {lin.out_features} (output of Linear {i}) is not divisible by "
                     f"phantom({p}) ({lin.out_features} % {p} = {lin.out_features % p})")
     return None
+
+
+# ------------------------------------------------------------------ explicit plan
+def _check_modules(modules: Any) -> dict[str, ModuleSettings]:
+    """The explicit plan as {pattern: ModuleSettings}, or a ValueError saying what is wrong with it."""
+    if not isinstance(modules, Mapping) or not modules:
+        raise ValueError("plan must be a non-empty mapping from a module-name pattern (e.g. 'encoder.*.ffn') to "
+                         f"its settings ({', '.join(MODULE_SETTINGS)}), got {modules!r}")
+    checked = {}
+    for pattern, settings in modules.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"plan keys are module-name patterns such as 'encoder.*.ffn', got {pattern!r}")
+        settings = {} if settings is None else settings
+        if isinstance(settings, ModuleSettings):
+            settings = {k: getattr(settings, k) for k in MODULE_SETTINGS if getattr(settings, k) is not None}
+        if not isinstance(settings, Mapping) or set(settings) - set(MODULE_SETTINGS):
+            raise ValueError(f"plan[{pattern!r}] must be a mapping with keys among {list(MODULE_SETTINGS)}, got "
+                             f"{settings!r}")
+        ghosts = settings.get("ghosts")
+        init = settings.get("init")
+        if init not in (None, *INITS):
+            raise ValueError(f"plan[{pattern!r}]['init'] must be 'svd' or 'random', got {init!r}")
+        overlap = settings.get("overlap")
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ValueError(f"plan[{pattern!r}]['overlap'] must be True or False, got {overlap!r}")
+        checked[pattern] = ModuleSettings(None if ghosts is None else check_spec(ghosts, pattern), init, overlap)
+    return checked
+
+
+def match_modules(module: nn.Module, modules: Mapping[str, ModuleSettings]
+                  ) -> list[tuple[str, nn.Module, ModuleSettings]]:
+    """(name, module, settings) for every module the explicit plan names, in module order; all checks first."""
+    names = [name for name, _ in module.named_modules() if name]
+    matched: dict[str, str] = {}
+    for pattern in modules:
+        hits = [name for name in names if fnmatchcase(name, pattern)]
+        if not hits:
+            near = [n for n in names if n.rpartition(".")[2] == pattern.rpartition(".")[2]][:5]
+            raise ValueError(
+                f"plan pattern {pattern!r} matches no module of {type(module).__name__}"
+                + (f"; modules with that last name: {near}" if near else "")
+                + ". Patterns are matched against module.named_modules() names with fnmatch ('*' for any "
+                "part), e.g. 'encoder.*.ffn'."
+            )
+        for name in hits:
+            if name in matched:
+                raise ValueError(f"module {name!r} is matched by plan patterns {matched[name]!r} and {pattern!r}; "
+                                 "give each module one entry.")
+            matched[name] = pattern
+    out = []
+    for name, child in module.named_modules():
+        if name not in matched:
+            continue
+        if any(name.startswith(other + ".") for other in matched):
+            raise ValueError(f"plan shards both {name!r} and a module that contains it; name one of them.")
+        out.append((name, child, modules[matched[name]]))
+    return out
+
+
+def _plan_named(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
+    found = ModulePlan()
+    for name, child, entry in match_modules(module, plan.modules):
+        if isinstance(child, PhantomFFN):
+            found.built.append((name, child))
+            continue
+        reason = _ineligible(child, name, p)
+        if reason is not None:
+            raise ValueError(f"plan pattern names {name!r}, which cannot be sharded: {reason}")
+        linears = ffn_linears(child, name)
+        sizes = [linears[0].in_features] + [lin.out_features for lin in linears]
+        request = PhantomPlan(plan.ghosts if entry.ghosts is None else entry.ghosts, entry.init or plan.init,
+                              plan.overlap if entry.overlap is None else entry.overlap)
+        found.convert.append((request.for_ffn(name, sizes, p), child))
+    return found

@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_phantom.nn.layers import sharded_parameters
+from lightning_phantom.nn.layers import sharded_buffers, sharded_parameters
 from lightning_phantom.strategy.storage import (
     SafeFileSystemReader, discard, previous_path, publish, save_durably, staging_path,
 )
@@ -61,10 +61,11 @@ def parse_shard_key(key: str) -> Optional[tuple[str, int, int]]:
 
 
 def shard_keys(module: nn.Module, rank: int, size: int) -> dict[str, str]:
-    """State-dict name → shard key, for every sharded parameter of ``module``."""
-    sharded = {id(p) for p in sharded_parameters(module)}
-    return {name: shard_key(name, rank, size) for name, p in module.named_parameters(remove_duplicate=False)
-            if id(p) in sharded}
+    """State-dict name → shard key, for every sharded parameter and buffer (BatchNorm statistics,
+    dropout streams) of ``module``."""
+    sharded = {id(t) for t in [*sharded_parameters(module), *sharded_buffers(module)]}
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return {name: shard_key(name, rank, size) for name, t in named if id(t) in sharded}
 
 
 def optimizer_param_names(module: nn.Module, optimizer: Optimizer, keys: dict[str, str]) -> dict[int, tuple[str, str]]:

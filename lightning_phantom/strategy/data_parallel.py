@@ -13,14 +13,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_phantom.nn.layers import sharded_parameters
+from lightning_phantom.nn.layers import sharded_buffers, sharded_parameters
 from lightning_phantom.ops.comm import broadcast_tensors, coalesced
 from lightning_phantom.strategy.layout import PhantomLayout
 
 
 def sync_replicas(module: nn.Module, layout: PhantomLayout, data_group: dist.ProcessGroup) -> None:
     """Replicated tensors equal on every rank, each shard equal on its replicas (as DDP does at wrap)."""
-    sharded = {id(t) for t in sharded_parameters(module)}
+    sharded = {id(t) for t in [*sharded_parameters(module), *sharded_buffers(module)]}
     tensors = [*module.parameters(), *module.buffers()]
     broadcast_tensors([t for t in tensors if id(t) not in sharded], None, 0)
     if layout.data > 1:

@@ -62,6 +62,7 @@ from lightning_phantom.strategy import checkpoints
 from lightning_phantom.strategy.data_parallel import average_gradients, sync_replicas
 from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
+from lightning_phantom.strategy.metrics import sync_metrics_over
 from lightning_phantom.strategy.precision import global_grad_norm, phantom_precision
 
 if TYPE_CHECKING:
@@ -98,6 +99,10 @@ class PhantomStrategy(ParallelStrategy):
         process_group_backend: ``"nccl"``, ``"gloo"``, …; by default the device's.
         compile: ``torch.compile`` each PhantomFFN after sharding (in place, one graph forward and
             backward, ``fullgraph=True``): ``True``, or a dict of ``torch.compile`` arguments.
+        plan: shard exactly the modules named, by pattern, each with its own settings, instead of
+            finding FFNs: ``{"encoder.*.ffn": {"ghosts": 16, "init": "random"}}`` (keys ``ghosts``,
+            ``init``, ``overlap``; the arguments above for what an entry leaves out). Checked here;
+            a pattern that matches no module is an error at setup, on every rank alike.
     """
 
     strategy_name = "phantom"
@@ -112,16 +117,17 @@ class PhantomStrategy(ParallelStrategy):
         timeout: Optional[Union[timedelta, float]] = default_pg_timeout,
         detect_non_finite: bool = True,
         process_group_backend: Optional[str] = None,
+        plan: Optional[Mapping[str, Any]] = None,
+        compile: CompileRequest = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment=None,
         precision_plugin: Optional[Precision] = None,
-        compile: CompileRequest = False,
     ) -> None:
         self._phantom_parallel_size = check_size("phantom_parallel_size", phantom_parallel_size)
         self._data_parallel_size = check_size("data_parallel_size", data_parallel_size)
         #: The sharding request, checked here so that a bad one fails before any process starts.
-        self.plan = PhantomPlan(ghosts, init, overlap)
+        self.plan = PhantomPlan(ghosts, init, overlap, modules=plan)
         self._timeout = check_timeout(timeout)
         self._detect_non_finite = bool(detect_non_finite)
         self._compile = compile_options(compile)
@@ -267,6 +273,7 @@ class PhantomStrategy(ParallelStrategy):
         compile_ffns(self.lightning_module, self._compile)
         self.model_to_device()
         sync_replicas(self.lightning_module, self.layout, self.data_parallel_group)
+        sync_metrics_over(self.lightning_module, self.data_parallel_group)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()

@@ -1,0 +1,104 @@
+"""PhantomStrategy(plan=...): modules named by pattern, each with its own settings."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_phantom as lp
+from lightning_phantom.nn.plan import PhantomPlan, plan_module
+from conftest import run_ranks
+
+
+def mlp(width: int = 8) -> nn.Sequential:
+    return nn.Sequential(nn.Sequential(nn.Linear(6, width), nn.LayerNorm(width), nn.GELU()),
+                         nn.Sequential(nn.Linear(width, width), nn.GELU()), nn.Linear(width, 6))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ffn = mlp()
+
+    def forward(self, x):
+        return x + self.ffn(x)
+
+
+class Encoder(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleList([Residual(), Residual()])
+        self.head = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        for layer in self.encoder:
+            x = layer(x)
+        return self.head(x)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def test_explicit_plan_names_modules_with_their_settings():
+    plan = PhantomPlan(ghosts="full", modules={"encoder.*.ffn": {"ghosts": 2, "init": "random"},
+                                               "head": {"overlap": False}})
+    found = plan_module(Encoder(), plan, 2)
+    assert [(f.name, f.ghosts, f.init, f.overlap) for f, _ in found.convert] == [
+        ("encoder.0.ffn", (2,), "random", True), ("encoder.1.ffn", (2,), "random", True),
+        ("head", (4,), "svd", False)]  # head: the request's ghosts="full", its own overlap
+
+
+@pytest.mark.parametrize("entries, words", [
+    ({"encoder.*.mlp": {}}, ["'encoder.*.mlp'", "matches no module", "fnmatch"]),
+    ({"encoder.0": {}}, ["'encoder.0'", "Residual", "residual connection", "nn.Sequential inside it"]),
+    ({"encoder.*.ffn": {}, "encoder.0.ffn": {}}, ["'encoder.0.ffn'", "matched by plan patterns"]),
+    ({"encoder.0.ffn.0": {}}, ["'encoder.0.ffn.0'", "1 Linear"]),
+])
+def test_bad_plan_for_the_model_is_a_clear_error(entries, words):
+    with pytest.raises(ValueError) as err:
+        plan_module(Encoder(), PhantomPlan(modules=entries), 2)
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.parametrize("entries, words", [
+    ({"net": {"gohsts": 2}}, ["plan['net']", "gohsts", "ghosts"]),
+    ({"net": {"init": "xavier"}}, ["init", "'xavier'"]),
+    ({"net": {"ghosts": 0}}, ["ghosts", "0"]),
+    ({}, ["non-empty mapping"]),
+])
+def test_bad_plan_settings_fail_when_the_strategy_is_built(entries, words):
+    with pytest.raises(ValueError) as err:
+        lp.PhantomStrategy(plan=entries)
+    for word in words:
+        assert word in str(err.value)
+
+
+def fit_with_plan(entries):
+    L.seed_everything(0)
+    model = Encoder()
+    dense = copy.deepcopy(model)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(plan=entries),
+                        precision="64-true", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    try:
+        preds = torch.cat(trainer.predict(model, DataLoader(TensorDataset(x), batch_size=5)))
+    except ValueError as e:
+        return str(e)
+    with torch.no_grad():
+        err = (preds - dense.double()(x)).abs().max().item()
+    return sorted(trainer.strategy.converted_modules), type(model.head).__name__, err
+
+
+def test_plan_in_a_trainer():
+    for converted, head, err in run_ranks(2, fit_with_plan, {"encoder.*.ffn": {"ghosts": "full"}}):
+        assert converted == ["encoder.0.ffn", "encoder.1.ffn"]
+        assert head == "Sequential"  # not named by the plan: stays dense
+        assert err < 1e-10
+    for message in run_ranks(2, fit_with_plan, {"decoder.*": {}}):
+        assert "'decoder.*' matches no module" in message  # on every rank alike
