@@ -184,8 +184,8 @@ def _run(rank: int, args) -> list[dict]:
             row["pp_sent_bytes"] = sent[("PP", k, True)]
             row["tp_layer_sent_bytes"] = sent[("TP", 0, True)] / 2
             row["bytes_ratio"] = row["pp_sent_bytes"] / row["tp_layer_sent_bytes"]
-            row["bytes_ratio_expected"] = p * k / width  # PHANTOM.md, cost table: p·k/n
-            row["arithmetic_bound"] = 1 / p + p * k / width  # PHANTOM.md, cost table: 1/p + p·k/n
+            row["bytes_ratio_expected"] = p * k / width  # docs/operator.md §8: p·k/n
+            row["arithmetic_bound"] = 1 / p + p * k / width  # docs/operator.md §8: 1/p + p·k/n
             results.append(row)
         del cases
     return results

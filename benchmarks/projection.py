@@ -13,8 +13,8 @@ tests hold equal to counted bytes and FLOPs). This script adds:
   within a node (p <= GPUs per node) and InfiniBand's beyond (a ring crossing nodes runs
   at the slowest link);
 * overlap: PP hides its ghost all-gather behind the local-block matmul and its
-  reduce-scatter behind the local weight/input gradients (PHANTOM.md Forward 2–3,
-  Backward 2–3); TP hides the column layer's input-gradient all-reduce behind its weight
+  reduce-scatter behind the local weight/input gradients (docs/operator.md §3 steps 2–3,
+  §4 steps 2–3); TP hides the column layer's input-gradient all-reduce behind its weight
   gradient (Megatron's async all-reduce) and nothing else;
 * energy: p × (busy power × compute time + communication power × exposed communication).
 

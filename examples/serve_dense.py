@@ -6,7 +6,7 @@
     curl -s localhost:8000 -d '{"inputs": [[0.1, ...32 numbers...]]}'
 
 A phantom model is exactly a dense model whose off-diagonal blocks are low rank
-(PHANTOM.md, "Exact re-sharding"): the p shards are merged into one (``merge_shards``) and
+(docs/operator.md §7): the p shards are merged into one (``merge_shards``) and
 ``to_dense`` turns it into a plain ``nn.Sequential``, with no approximation and no process
 group. From a checkpoint, the shards are read straight from its ``torch.distributed.checkpoint``
 files on this one process; with ``--inline`` the ranks that trained it call ``to_dense``

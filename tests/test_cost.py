@@ -1,6 +1,6 @@
 """The analytic cost model (lightning_phantom.cost.model) and its check against counted bytes and FLOPs.
 
-The table tests hold ``cost`` to PHANTOM.md's cost table; the distributed tests hold it to
+The table tests hold ``cost`` to the cost table of docs/operator.md §8; the distributed tests hold it to
 what ``CommCounter`` and ``FlopCounterMode`` count for one forward + backward of a
 ``PhantomFFN`` on gloo ranks. The TP side is checked in test_tensor_parallel.py.
 """
@@ -102,7 +102,7 @@ def test_group_of_one_and_describe():
     (lambda: phantom_cost([8, 32, 32, 4], 4, 0, 1), "1 <= ghosts <= n_in/p = 32/4 = 8, got 0"),
     (lambda: phantom_cost([8, 32, 32, 4], 4, 9, 1), "32/4 = 8, got 9"),
     (lambda: phantom_cost([8, 32, 32, 32, 4], 4, [2], 1), "ghosts has 1 entries"),
-    (lambda: phantom_cost([8, 32, 32, 4], 4, 2.5, 1), "ghosts must be an int"),
+    (lambda: phantom_cost([8, 32, 32, 4], 4, 2.5, 1), "ghosts must be 'auto', 'full', a positive int"),
     (lambda: phantom_cost([8, 32, 32, 4], 0, 2, 1), "p must be an integer >= 1, got 0"),
     (lambda: phantom_cost([8, 4], 2, 1, 1), "at least 2 Linear layers"),
     (lambda: phantom_cost([8, 32, 32, 4], 4, 2, 0), "rows must be an integer >= 1"),

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.distributed.checkpoint import FileSystemReader
 
 import lightning_phantom as lp
+import lightning_phantom.nn as lpnn
 from conftest import run_ranks
 from scripts.train import Batches, Regression, job
 
@@ -351,7 +352,7 @@ def test_lost_node_reshard_to_fewer_ranks_and_continue(tmp_path, two_nodes):
 
 def test_reshard_four_shards_to_two_keeps_shard_keys_and_the_function():
     """The key bookkeeping for a new group of more than one rank (in-process, no checkpoint I/O)."""
-    from lightning_phantom.strategy.checkpoints import _reshard_model, _shard_from_state
+    from lightning_phantom.strategy.reshard import _reshard_model, _shard_from_state
 
     torch.manual_seed(0)
     shards = [lp.PhantomFFN([6, 8, 8, 8, 4], ghosts=2, activation="tanh", shard=(r, 4)) for r in range(4)]
@@ -359,7 +360,7 @@ def test_reshard_four_shards_to_two_keeps_shard_keys_and_the_function():
         shard[-1].bias.data.copy_(shards[0][-1].bias)
     saved = {"head.weight": torch.randn(3, 4)}  # a replicated module outside the FFN
     for rank, shard in enumerate(shards):  # as PhantomStrategy names them in a checkpoint
-        split = {id(t) for t in lp.sharded_parameters(shard)}
+        split = {id(t) for t in lpnn.sharded_parameters(shard)}
         for name, t in shard.named_parameters():
             saved[f"ffn.{name}" + (f"|phantom{rank}/4" if id(t) in split else "")] = t.detach()
 

@@ -1,4 +1,4 @@
-"""The phantom operator against the dense model it stands for (PHANTOM.md, "What the project must show")."""
+"""The phantom operator against the dense model it stands for (docs/operator.md §9)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lightning_phantom as lp
+import lightning_phantom.nn as lpnn
 from lightning_phantom.nn.layers import PhantomLinear
 from conftest import run_ranks
 
@@ -15,9 +16,9 @@ SIZES = [6, 8, 12, 8, 3]  # column 6→8, phantom 8→12 and 12→8, row 8→3
 
 
 def dense_from_formula(ffn: lp.PhantomFFN) -> list[torch.Tensor]:
-    """W of every Linear, assembled here from the gathered shards exactly as PHANTOM.md writes it:
+    """W of every Linear, assembled here from the gathered shards exactly as docs/operator.md §2 writes it:
     W_ii = L_i, W_ij = D_ij C_j (an independent check of to_dense/merge_shards)."""
-    shards = lp.gather_shards(ffn)
+    shards = lpnn.gather_shards(ffn)
     p = len(shards)
     weights = []
     for idx, layer in enumerate(ffn):
@@ -175,12 +176,12 @@ def merge_four_two_one():
     ffn = lp.PhantomFFN(SIZES, ghosts=[1, 2], activation="silu", dtype=torch.float64)
     x = torch.randn(5, SIZES[0], dtype=torch.float64)
     y4 = ffn(x)
-    shards4 = lp.gather_shards(ffn)
+    shards4 = lpnn.gather_shards(ffn)
     shards2 = lp.merge_shards(shards4, 2)
     pair = dist.new_group([0, 1])  # every rank takes part in creating it
     result = {"ghosts2": shards2[0].ghosts}
     if rank < 2:
-        half = lp.set_group(shards2[rank], pair)
+        half = lpnn.set_group(shards2[rank], pair)
         result["err2"] = (half(x) - y4).abs().max().item()
     one_from_two = lp.merge_shards(shards2, 2)[0]
     one_from_four = lp.merge_shards(shards4, 4)[0]

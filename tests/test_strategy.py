@@ -26,6 +26,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_phantom as lp
+import lightning_phantom.nn as lpnn
 from lightning_phantom.strategy.layout import PhantomLayout
 from conftest import run_ranks
 
@@ -167,7 +168,7 @@ def data_by_phantom_from_meta():
     class Snapshot(Callback):
         def on_train_start(self, trainer, pl_module):
             # A deep copy keeps (rank, size) but not the process group (layers.py): re-attach it.
-            start["ffn"] = lp.set_group(copy.deepcopy(pl_module.net), trainer.strategy.phantom_group)
+            start["ffn"] = lpnn.set_group(copy.deepcopy(pl_module.net), trainer.strategy.phantom_group)
 
     trainer.callbacks.append(Snapshot())
     trainer.fit(model, DataLoader(dataset(), batch_size=4))
@@ -330,7 +331,7 @@ def test_resume_from_sharded_checkpoint_continues_exactly(tmp_path):
 
 
 def test_checkpoint_metadata_is_read_without_arbitrary_unpickling():
-    from lightning_phantom.strategy.checkpoints import _MetadataUnpickler
+    from lightning_phantom.strategy.storage import _MetadataUnpickler
 
     class Exploit:
         def __reduce__(self):
@@ -366,7 +367,7 @@ def clipped_gradients(max_norm: float):
     trainer = make_trainer(devices=4, strategy=lp.PhantomStrategy(phantom_parallel_size=2), max_steps=2,
                            precision="bf16-mixed", gradient_clip_val=max_norm, callbacks=[grads])
     trainer.fit(model, DataLoader(dataset(), batch_size=8))
-    sharded = {n for n, p in model.named_parameters() if any(p is q for q in lp.sharded_parameters(model))}
+    sharded = {n for n, p in model.named_parameters() if any(p is q for q in lpnn.sharded_parameters(model))}
     return grads.before, grads.after, sharded
 
 

@@ -29,6 +29,8 @@ from typing import Any, Optional, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_phantom._checks import positive_int
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 RESULT_FILE = "result.json"
 STRATEGIES = {  # _target_ (class or factory) → the name the app and the tables use
@@ -82,9 +84,7 @@ def strategy_kind(strategy_cfg: Any) -> str:
 
 
 def _int(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+    return positive_int(name, value, low, error=ConfigError)
 
 
 def _devices(trainer_cfg: Any) -> int:
@@ -107,22 +107,9 @@ def _devices(trainer_cfg: Any) -> int:
     return _int("trainer.devices", devices)
 
 
-def _ghosts(spec: Any, width: int, depth: int, p: int) -> list[int]:
-    """Ghosts per phantom layer, as ``PhantomStrategy`` resolves ``ghosts`` for the module's ``net``."""
-    from lightning_phantom.strategy.phantom import resolve_ghosts
-
-    if isinstance(spec, (dict, DictConfig)):
-        spec = spec.get("net", "auto")
-    if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
-        return list(spec)  # its length is checked with the rest of the shape by the cost model
-    if spec in ("auto", "full") or (isinstance(spec, int) and not isinstance(spec, bool)):
-        return resolve_ghosts(spec, [width] * depth, p, "model.net")
-    raise ConfigError("strategy.ghosts must be 'auto', 'full', a positive integer or a list of them (one "
-                      f"per phantom layer), got {spec!r}")
-
-
 def _check_phantom(s: DictConfig, world: int, width: int, depth: int, sizes: list[int]):
-    from lightning_phantom.cost.model import phantom_cost
+    """The strategy's own checks, run here before any process starts: layout, request, plan of ``net``."""
+    from lightning_phantom.nn.plan import PhantomPlan
     from lightning_phantom.strategy.layout import PhantomLayout
 
     try:
@@ -139,18 +126,14 @@ def _check_phantom(s: DictConfig, world: int, width: int, depth: int, sizes: lis
         raise ConfigError(f"model.width={width} is not divisible by the phantom group size {p} "
                           f"({width} % {p} = {width % p}); every rank holds width/p neurons. Use a multiple "
                           f"of {p}")
-    ghosts = _ghosts(s.get("ghosts", "auto"), width, depth, p)
-    given = OmegaConf.to_container(s).get("ghosts")
-    if any(isinstance(k, int) and k > width // p for k in ghosts):
-        raise ConfigError(f"strategy.ghosts={given!r} is too large for model.width={width} on phantom groups "
-                          f"of {p} ranks: a rank holds width/p = {width}/{p} = {width // p} neurons and can "
-                          f"have at most that many ghosts. Use strategy.ghosts <= {width // p}, or a larger "
-                          "model.width")
+    given = OmegaConf.to_container(s).get("ghosts", "auto")
     try:
-        phantom_cost(sizes, p, ghosts, rows=1)
+        plan = PhantomPlan(given, s.get("init", "svd"), s.get("overlap", True))
+        plan.check_names(["net"])  # the app's module has one FFN, `net`
+        ffn = plan.for_ffn("net", sizes, p)
     except ValueError as e:
-        raise ConfigError(f"strategy.ghosts={given!r} does not fit the model: {e}") from None
-    return p, layout.data, ghosts
+        raise ConfigError(f"strategy.ghosts={given!r} on model.width={width}, phantom groups of {p}: {e}") from None
+    return p, layout.data, list(ffn.ghosts)
 
 
 def _check_tp(s: DictConfig, world: int, nodes: int, sizes: list[int]) -> tuple[int, int]:
@@ -216,7 +199,7 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
-    import lightning_phantom  # noqa: F401  registers strategy="phantom"
+    import lightning_phantom.strategy  # noqa: F401  registers strategy="phantom"
     from lightning_phantom.app.compare import RunRecorder
 
     run_dir = Path(run_dir or os.getcwd())

@@ -13,7 +13,7 @@ comparison checks one against the other.
 
 FLOPs are 2·MACs, which is what ``torch.utils.flop_counter.FlopCounterMode`` counts for
 mm/addmm. Bias additions (rows·n_out per layer) are in neither: FlopCounterMode does
-not count them and the table of PHANTOM.md leaves them out.
+not count them and the table of docs/operator.md §8 leaves them out.
 
 What DTensor actually issues for ``parallelize_ffn`` (lightning_phantom.app.tensor_parallel),
 counted with ``CommCounter`` on gloo (p = 1, 2, 4; directly and inside Lightning's
@@ -42,6 +42,9 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Sequence, Union
+
+from lightning_phantom._checks import positive_int
+from lightning_phantom.nn.ghosts import resolve_ghosts
 
 Collectives = tuple[tuple[str, int], ...]  # (collective kind, payload elements) per call
 
@@ -136,18 +139,12 @@ class StepCost(_ForwardBackward):
         return Counter(dict(self.collectives))
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _check_sizes(sizes, p: int, divisible: Sequence[int], why: str) -> list[int]:
     sizes = list(sizes)
     if len(sizes) < 2:
         raise ValueError(f"sizes must list at least [d_in, d_out] (one Linear layer), got {sizes}")
     for i, n in enumerate(sizes):
-        _check_int(f"sizes[{i}]", n, 1)
+        positive_int(f"sizes[{i}]", n, 1)
     for i in divisible:
         if sizes[i] % p:
             raise ValueError(
@@ -155,30 +152,6 @@ def _check_sizes(sizes, p: int, divisible: Sequence[int], why: str) -> list[int]
                 f"{why}. Use a multiple of {p} or another group size."
             )
     return sizes
-
-
-def _ghosts(ghosts: Union[int, Sequence[int]], sizes: list[int], p: int) -> list[int]:
-    hidden = len(sizes) - 3  # phantom layers are the L-2 layers between first and last
-    if isinstance(ghosts, int) and not isinstance(ghosts, bool):
-        per_layer = [ghosts] * hidden
-    elif isinstance(ghosts, (list, tuple)):
-        per_layer = list(ghosts)
-    else:
-        raise ValueError(f"ghosts must be an int or a list with one int per phantom layer, got {ghosts!r}")
-    if len(per_layer) != hidden:
-        raise ValueError(
-            f"ghosts has {len(per_layer)} entries but sizes={sizes} has {hidden} hidden phantom layers "
-            f"({len(sizes) - 1} Linear layers minus first and last); give one int or one value per "
-            "phantom layer"
-        )
-    for layer, k in enumerate(per_layer, start=1):
-        a = sizes[layer] // p
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= a:
-            raise ValueError(
-                f"ghosts for phantom layer {layer} must be an integer with 1 <= ghosts <= n_in/p = "
-                f"{sizes[layer]}/{p} = {a}, got {k!r}"
-            )
-    return per_layer
 
 
 def _all_reduce_bytes(p: int, numel: int, e: int) -> Fraction:
@@ -193,20 +166,20 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
     and nothing is communicated; with L = 2 Linear layers there is no phantom layer and
     the model is a Megatron column/row pair.
     """
-    p = _check_int("p", p, 1)
-    rows = _check_int("rows", rows, 1)
-    e = _check_int("element_size", element_size, 1)
+    p = positive_int("p", p, 1)
+    rows = positive_int("rows", rows, 1)
+    e = positive_int("element_size", element_size, 1)
     sizes = list(sizes)
     sizes = _check_sizes(sizes, p, range(1, len(sizes) - 1),
                          "every hidden width is split into n/p neurons per rank")
     if len(sizes) < 3:
         raise ValueError("a phantom FFN needs at least 2 Linear layers (column-parallel first, row-parallel "
                          f"last), got sizes={sizes}")
-    per_layer_ghosts = _ghosts(ghosts, sizes, p)
+    per_layer_ghosts = resolve_ghosts(ghosts, sizes[1:-2], p, f"sizes={sizes}")
     comm = p > 1  # a group of one bypasses every collective (comm.py)
     layers = []
 
-    # First layer (PHANTOM.md l.71-75, column-parallel): c outputs from the whole input;
+    # First layer (docs/operator.md §5, column-parallel): c outputs from the whole input;
     # the input gradient is an all-reduce of the ranks' partial gradients.
     d_in, c = sizes[0], sizes[1] // p
     fwd = rows * c * d_in
@@ -219,7 +192,7 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
         collectives_fwd=(), collectives_bwd=(("all_reduce", rows * d_in),) if grad_in else (),
     ))
 
-    # Hidden phantom layers (PHANTOM.md l.32-65).
+    # Hidden phantom layers (docs/operator.md §2–§4).
     for layer, k in enumerate(per_layer_ghosts, start=1):
         n_in, n_out = sizes[layer], sizes[layer + 1]
         a, c = n_in // p, n_out // p
@@ -227,21 +200,21 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
             layers.append(LayerCost("phantom", n_in, n_out, k, c * a + c, rows * c * a, 2 * rows * c * a,
                                     Fraction(0), Fraction(0), (), ()))
             continue
-        # Parameters (l.36-39): L_i (c×a) + b_i (c) + C_i (k×a) + D_ij for j≠i ((p-1) × c×k).
+        # Parameters (§2): L_i (c×a) + b_i (c) + C_i (k×a) + D_ij for j≠i ((p-1) × c×k).
         params = c * a + c + k * a + c * (p - 1) * k
-        # Forward 1, 3, 4 (l.47, 50, 51): ghosts X_i C_iᵀ (k·a), local block (c·a) and the
+        # Forward 1, 3, 4 (§3): ghosts X_i C_iᵀ (k·a), local block (c·a) and the
         # p-1 decompressions G_j D_ijᵀ (k·c) per row.
         fwd = rows * (c * a + k * a + (p - 1) * k * c)
-        # Forward 2 (l.48): all_gather of B×k ghosts; Backward 2 (l.58): reduce_scatter of
-        # the p×B×k buffer. Each sends (p-1)·B·k values, 2·(p-1)·k per row in all (l.109).
+        # Forward 2 (§3): all_gather of B×k ghosts; Backward 2 (§4): reduce_scatter of
+        # the p×B×k buffer. Each sends (p-1)·B·k values, 2·(p-1)·k per row in all (§8).
         sent = Fraction((p - 1) * rows * k * e)
         layers.append(LayerCost(
-            "phantom", n_in, n_out, k, params=params, macs_fwd=fwd, macs_bwd=2 * fwd,  # l.113
+            "phantom", n_in, n_out, k, params=params, macs_fwd=fwd, macs_bwd=2 * fwd,  # §8
             sent_bytes_fwd=sent, sent_bytes_bwd=sent,
             collectives_fwd=(("all_gather", rows * k),), collectives_bwd=(("reduce_scatter", p * rows * k),),
         ))
 
-    # Last layer (l.76-78, row-parallel): Y = all_reduce(Σ_i X_i W_out,iᵀ) + b_out with b_out
+    # Last layer (§5, row-parallel): Y = all_reduce(Σ_i X_i W_out,iᵀ) + b_out with b_out
     # replicated; backward is the identity, so no collective.
     a, d_out = sizes[-2] // p, sizes[-1]
     fwd = rows * d_out * a
@@ -262,9 +235,9 @@ def tp_cost(sizes: Sequence[int], p: int, rows: int, element_size: int = 4, *,
     number of layers the last is Colwise with its output gathered to Replicate. See the
     module docstring for how this was checked against DTensor.
     """
-    p = _check_int("p", p, 1)
-    rows = _check_int("rows", rows, 1)
-    e = _check_int("element_size", element_size, 1)
+    p = positive_int("p", p, 1)
+    rows = positive_int("rows", rows, 1)
+    e = positive_int("element_size", element_size, 1)
     sizes = list(sizes)
     n_layers = len(sizes) - 1
     # Colwise layers shard their outputs, Rowwise their inputs: every hidden width is
@@ -318,7 +291,7 @@ class Comparison:
 
     Ratios are PP/TP, exact, and None where TP's figure is 0 (e.g. p = 1 communication).
     ``per_layer[l]`` compares layer l; for a hidden layer with n_in = n_out = n it is
-    PHANTOM.md's table: communication p·k/n, arithmetic 1/p + p·k/n.
+    the table of docs/operator.md §8: communication p·k/n, arithmetic 1/p + p·k/n.
     """
 
     phantom: StepCost
@@ -376,3 +349,13 @@ def compare(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]], row
         phantom_cost(sizes, p, ghosts, rows, element_size, input_requires_grad=input_requires_grad),
         tp_cost(sizes, p, rows, element_size, input_requires_grad=input_requires_grad),
     )
+
+
+def summary(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]) -> str:
+    """One line for a log: parameters per rank, and PP/TP communication and arithmetic per input row."""
+    try:
+        return compare(sizes, p, ghosts, rows=1).describe() + " (per input row, fp32)"
+    except ValueError as e:  # tensor parallelism cannot split it (e.g. d_out % p with an odd depth)
+        pp = phantom_cost(sizes, p, ghosts, rows=1)
+        return (f"params/rank {pp.params:,}, sent/rank/row {float(pp.sent_bytes):.4g} B "
+                f"(no TP comparison: {e})")

@@ -1,4 +1,4 @@
-"""Phantom-parallel modules, and conversion between dense FFNs and their shards (torch only, no Lightning)."""
+"""Phantom-parallel modules, sharding plans, and conversion between dense FFNs and their shards (torch only)."""
 
 from lightning_phantom.nn.convert import gather_shards, merge_shards, to_dense, to_phantom
 from lightning_phantom.nn.layers import (

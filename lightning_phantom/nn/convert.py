@@ -3,7 +3,7 @@
 * ``to_phantom``: a dense ``nn.Sequential`` → this rank's ``PhantomFFN`` (``svd``: the
   closest phantom model by Eckart–Young; ``random``: fresh, variance-matched).
 * ``merge_shards``: p shards → p/m shards computing exactly the same function
-  (PHANTOM.md, "Exact re-sharding"); m = p gives the dense model.
+  (docs/operator.md §7); m = p gives the dense model.
 * ``gather_shards`` / ``to_dense``: collect a group's shards on every rank and rebuild the
   dense module, for serving on one device.
 """
@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_phantom.ops.comm import GroupInfo, all_gather_into
+from lightning_phantom.nn.ghosts import resolve_ghosts
 from lightning_phantom.nn.layers import (
-    ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard, ghosts_per_layer,
+    ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard,
 )
 
 
@@ -87,7 +88,7 @@ def _svd_factors(m: Tensor, ghosts: int) -> tuple[Tensor, Tensor]:
 
 
 def _phantom_from_dense(lin: nn.Linear, ghosts: int, info: GroupInfo, overlap: bool) -> PhantomLinear:
-    """PHANTOM.md, "Initialisation" from a dense layer, for rank ``info.rank``.
+    """docs/operator.md §6.1, the closest phantom layer to a dense one, for rank ``info.rank``.
 
     Rank j factors M_j = [W_ij]_{i≠j} itself and sends the decompressor rows to their
     receivers with one all-gather: SVD signs are not unique, so each C_j and the D_ij
@@ -124,7 +125,7 @@ def to_phantom(module: nn.Sequential, ghosts, group=None, init: str = "svd", ove
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     info = GroupInfo.of(group)
-    ghost_iter = iter(ghosts_per_layer(ghosts, len(linears) - 2))
+    ghost_iter = iter(resolve_ghosts(ghosts, [lin.in_features for lin in linears[1:-1]], info.size, "to_phantom"))
     return PhantomFFN.from_layers(
         [_convert_child(child, linears, ghost_iter, info, overlap, random=init == "random") for child in module]
     )
@@ -191,7 +192,7 @@ def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
 
 
 def _merge_phantom(parts: Sequence[PhantomLinear], r: int, m: int, info: GroupInfo) -> PhantomLinear:
-    """PHANTOM.md, "Exact re-sharding": merge old ranks R = r·m … r·m+m−1 into new rank r."""
+    """docs/operator.md §7: merge old ranks R = r·m … r·m+m−1 into new rank r."""
     p, k = len(parts), parts[0].ghosts
     c, a = parts[0].weight.shape
     R = range(r * m, (r + 1) * m)

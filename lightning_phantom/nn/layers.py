@@ -1,7 +1,7 @@
 """Phantom-parallel layers: this rank's shard of each layer of an FFN.
 
 * ``ColumnParallelLinear`` — first layer: replicated input, this rank's c output neurons.
-* ``PhantomLinear`` — hidden layer: local block + compressor + decompressors (PHANTOM.md).
+* ``PhantomLinear`` — hidden layer: local block + compressor + decompressors (docs/operator.md §2).
 * ``RowParallelLinear`` — last layer: partial products summed over the group, full output.
 * ``PhantomFFN`` — an ``nn.Sequential`` of those with element-wise activations between,
   so a converted model keeps the state-dict keys (``0.weight``, ``2.compress`` …) and the
@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_phantom.nn.ghosts import GhostSpec, resolve_ghosts
 from lightning_phantom.ops.comm import GroupInfo, copy_to_phantom, reduce_from_phantom
 from lightning_phantom.ops.operator import PhantomLinearFunction
 
@@ -177,7 +178,7 @@ class RowParallelLinear(_Shard):
 
 
 class PhantomLinear(_Shard):
-    """One hidden phantom layer, this rank's shard (PHANTOM.md, "Parameters held by rank i").
+    """One hidden phantom layer, this rank's shard (docs/operator.md §2).
 
     ``weight`` is L_i (c × a), ``bias`` b_i (c), ``compress`` C_i (ghosts × a) and
     ``decompress`` the decompressors [D_ij]_{j≠i} side by side (c × (p−1)·ghosts). With a
@@ -192,11 +193,7 @@ class PhantomLinear(_Shard):
         p = self.shard.size
         a = _check_divisible("in_features", in_features, p)
         c = _check_divisible("out_features", out_features, p)
-        if not isinstance(ghosts, int) or isinstance(ghosts, bool) or not 1 <= ghosts <= a:
-            raise ValueError(
-                f"ghosts must be an integer with 1 <= ghosts <= in_features/p = {in_features}/{p} = {a}, "
-                f"got {ghosts!r}. Fewer ghosts send less; ghosts = {a} can represent any dense layer."
-            )
+        (ghosts,) = resolve_ghosts(ghosts, [in_features], p, type(self).__name__)
         self.in_features, self.out_features, self.ghosts, self.overlap = in_features, out_features, ghosts, overlap
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(c, a, **factory))
@@ -273,15 +270,6 @@ def _activation(activation) -> nn.Module:
     raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or an nn.Module, got {activation!r}")
 
 
-def ghosts_per_layer(ghosts: Union[int, Sequence[int]], hidden_layers: int) -> list[int]:
-    if isinstance(ghosts, int) and not isinstance(ghosts, bool):
-        return [ghosts] * hidden_layers
-    ghosts = list(ghosts)
-    if len(ghosts) != hidden_layers:
-        raise ValueError(f"ghosts has {len(ghosts)} entries but the FFN has {hidden_layers} hidden phantom layers")
-    return ghosts
-
-
 class PhantomFFN(nn.Sequential):
     """This rank's shard of a feed-forward network in phantom-parallel form.
 
@@ -292,7 +280,7 @@ class PhantomFFN(nn.Sequential):
     tensor on every rank, so losses and metrics are written as for one device.
     """
 
-    def __init__(self, sizes: Sequence[int], ghosts: Union[int, Sequence[int]], activation="relu",
+    def __init__(self, sizes: Sequence[int], ghosts: Union[GhostSpec, Sequence[int]] = "auto", activation="relu",
                  dropout: float = 0.0, group=None, bias: bool = True, *, overlap: bool = True,
                  shard: ShardSpec = None, device=None, dtype=None) -> None:
         sizes = list(sizes)
@@ -302,7 +290,7 @@ class PhantomFFN(nn.Sequential):
                 "with fewer there is no hidden-to-hidden layer to make phantom."
             )
         info = _shard_info(group, shard)
-        per_layer = ghosts_per_layer(ghosts, len(sizes) - 3)
+        per_layer = resolve_ghosts(ghosts, sizes[1:-2], info.size, type(self).__name__)
         kw = {"bias": bias, "shard": info, "device": device, "dtype": dtype}
         layers: list[nn.Module] = [ColumnParallelLinear(sizes[0], sizes[1], **kw)]
         for i, k in enumerate(per_layer, start=1):

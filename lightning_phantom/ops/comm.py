@@ -9,11 +9,12 @@ function                    forward              backward
 ==========================  ===================  ===================
 ``copy_to_phantom``         identity             all-reduce
 ``reduce_from_phantom``     all-reduce           identity
-``gather_ghosts``           all-gather (dim 0)   reduce-scatter
 ==========================  ===================  ===================
 
-A group of size 1 bypasses the collective. Nothing here names a device: the tensors'
-device decides, so the same code runs on gloo (CPU) and NCCL (CUDA).
+The third pair, the ghost exchange (all-gather forward, reduce-scatter backward), is
+fused into the layer operator (``ops/operator.py``) so that it overlaps the local
+matmuls. A group of size 1 bypasses the collective. Nothing here names a device: the
+tensors' device decides, so the same code runs on gloo (CPU) and NCCL (CUDA).
 
 Collectives are looked up as ``torch.distributed.<name>`` at call time so that
 ``lightning_phantom.cost.counting.CommCounter`` can count what is handed to them.
@@ -21,8 +22,9 @@ Collectives are looked up as ``torch.distributed.<name>`` at call time so that
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -105,31 +107,6 @@ class _ReduceFromPhantom(torch.autograd.Function):
         return grad, None
 
 
-class _GatherGhosts(torch.autograd.Function):
-    """All-gather along dim 0 forward; reduce-scatter of the gradient backward.
-
-    Every rank consumes every rank's ghosts, so a ghost's gradient is the sum over ranks
-    of what each consumer sends back: exactly a reduce-scatter (PHANTOM.md, "Backward" 2).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        ctx.group = group
-        size = dist.get_world_size(group)
-        x = x.contiguous()
-        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-        all_gather_into(out, x, group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        size = dist.get_world_size(ctx.group)
-        grad = grad.contiguous()
-        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
-        reduce_scatter_into(out, grad, ctx.group)
-        return out, None
-
-
 def _single(group: Optional[ProcessGroup]) -> bool:
     return not dist.is_initialized() or dist.get_world_size(group) == 1
 
@@ -144,6 +121,41 @@ def reduce_from_phantom(x: Tensor, group: Optional[ProcessGroup] = None) -> Tens
     return x if _single(group) else _ReduceFromPhantom.apply(x, group)
 
 
-def gather_ghosts(x: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
-    """Concatenate every rank's tensor along dim 0: all-gather forward, reduce-scatter backward."""
-    return x if _single(group) else _GatherGhosts.apply(x, group)
+# ------------------------------------------------------- whole-model collectives
+BUCKET_NUMEL = 1 << 25  # elements per flat buffer when coalescing collectives (128 MiB in fp32)
+
+
+def coalesced(tensors: list[Tensor], op: Callable[[Tensor], None], bucket_numel: int = BUCKET_NUMEL) -> None:
+    """Apply an in-place collective to ``tensors`` through a few flat buffers (per dtype and device).
+
+    One collective per bucket instead of one per tensor: a model's hundreds of small tensors
+    would otherwise pay the per-call latency hundreds of times.
+    """
+    by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_kind[(t.dtype, t.device)].append(t)
+
+    def flush(bucket: list[Tensor]) -> None:
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        op(flat)
+        for t, value in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+            t.copy_(value)
+
+    for same in by_kind.values():
+        bucket, numel = [], 0
+        for t in same:
+            if bucket and numel + t.numel() > bucket_numel:
+                flush(bucket)
+                bucket, numel = [], 0
+            bucket.append(t)
+            numel += t.numel()
+        if bucket:
+            flush(bucket)
+
+
+def broadcast_tensors(tensors: list[Tensor], group: Optional[ProcessGroup], src: int) -> None:
+    """Overwrite ``tensors`` on every rank of ``group`` with global rank ``src``'s values (meta ones skipped)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    with torch.no_grad():
+        coalesced([t for t in tensors if not t.is_meta], lambda flat: dist.broadcast(flat, src=src, group=group))

@@ -1,4 +1,4 @@
-"""The fused phantom-layer operator: forward and backward of PHANTOM.md for one rank.
+"""The fused phantom-layer operator: forward and backward of docs/operator.md §3–§4 for one rank.
 
 Layout choices that keep the hot path free of copies:
 
@@ -10,7 +10,7 @@ Layout choices that keep the hot path free of copies:
 * ``decompress`` is stored as one (c × (p−1)·k) matrix ``[D_ij]_{j≠i}`` in increasing j,
   so its two column blocks line up with those row blocks.
 * In backward the reduce-scatter buffer (p·k × B) is written in place by ``mm(out=)``
-  with this rank's own block zeroed (PHANTOM.md, Backward 1).
+  with this rank's own block zeroed (docs/operator.md §4, Backward step 1).
 
 The collectives are started asynchronously and waited for only when their result is
 needed, so with ``overlap=True`` the ghost exchange runs while the local block is
@@ -35,7 +35,7 @@ def _others(x: Tensor, rank: int, ghosts: int, dim: int) -> tuple[Tensor, Tensor
 
 
 class PhantomLinearFunction(torch.autograd.Function):
-    """Z_i = X_i L_iᵀ + b_i + Σ_{j≠i} G_j D_ijᵀ with G = all_gather(X C_iᵀ) (PHANTOM.md, Forward)."""
+    """Z_i = X_i L_iᵀ + b_i + Σ_{j≠i} G_j D_ijᵀ with G = all_gather(X C_iᵀ) (docs/operator.md §3)."""
 
     @staticmethod
     def forward(

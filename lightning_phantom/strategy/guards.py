@@ -26,6 +26,8 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from lightning_phantom._checks import positive_int
+
 _LOSS, _GRADIENT = 1, 2  # bits of a rank's verdict
 
 
@@ -49,7 +51,7 @@ class NonFiniteGuard(Callback):
         check_loss: check the loss handed to ``backward``.
         check_gradients: check every parameter's gradient as ``backward`` accumulates it.
             Skipped while a ``GradScaler`` is active (``precision="16-mixed"``): it expects inf
-            gradients and skips those steps itself (on every rank, see ``strategy._synced_scaler``).
+            gradients and skips those steps itself (on every rank, see ``strategy.precision``).
         max_names: parameters named per rank in the message (all are in ``error.tensors``).
 
     Cost: per gradient, one ``sum`` taken by a post-accumulate-grad hook the moment ``backward``
@@ -62,9 +64,8 @@ class NonFiniteGuard(Callback):
     """
 
     def __init__(self, check_loss: bool = True, check_gradients: bool = True, max_names: int = 5) -> None:
-        if not isinstance(max_names, int) or max_names < 1:
-            raise ValueError(f"max_names must be a positive int, got {max_names!r}")
-        self.check_loss, self.check_gradients, self.max_names = bool(check_loss), bool(check_gradients), max_names
+        self.max_names = positive_int("max_names", max_names)
+        self.check_loss, self.check_gradients = bool(check_loss), bool(check_gradients)
         self._batch_idx: Optional[int] = None
         self._handles: list = []
         self._names: dict[Tensor, str] = {}

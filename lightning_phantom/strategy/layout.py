@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
+
+from lightning_phantom._checks import positive_int
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -33,9 +35,20 @@ MESH_DIM_NAMES = ("data_parallel", "phantom_parallel")
 
 def check_size(name: str, value: object) -> Size:
     """``"auto"`` or a positive int, else a ValueError naming the argument."""
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return value  # type: ignore[return-value]
-    raise ValueError(f"{name} must be 'auto' or a positive integer, got {value!r}")
+    return "auto" if value == "auto" else positive_int(name, value, also="'auto'")
+
+
+def check_timeout(timeout: Any) -> Optional[timedelta]:
+    """A process-group timeout from a ``timedelta`` or seconds; None keeps torch's default."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        timeout = timedelta(seconds=timeout)
+    if not isinstance(timeout, timedelta):
+        raise ValueError(f"timeout must be a datetime.timedelta or a number of seconds, got {timeout!r}")
+    if timeout.total_seconds() <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout.total_seconds()} s")
+    return timeout
 
 
 @dataclass(frozen=True)
