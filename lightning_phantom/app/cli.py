@@ -8,7 +8,7 @@ with a message before any process is started. Then every object is built with
 ``hydra.utils.instantiate`` and ``Trainer.fit`` runs; with ``trainer.devices > 1`` Lightning's
 subprocess launcher re-runs this app in each further process, and its Hydra handling gives
 them the parent's run directory. Rank 0 writes ``result.json`` there (what
-``lightning_phantom.compare.RunRecorder`` measured), which ``python -m lightning_phantom.compare``
+``lightning_phantom.app.recorder.RunRecorder`` measured), which ``python -m lightning_phantom.compare``
 reads.
 
 Under a Hydra multirun (``-m``) a job on several devices runs as a plain run in a subprocess:
@@ -217,7 +217,7 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
     from lightning.pytorch.loggers import CSVLogger
 
     import lightning_phantom  # noqa: F401  registers strategy="phantom"
-    from lightning_phantom.app.compare import RunRecorder
+    from lightning_phantom.app.recorder import RunRecorder
 
     run_dir = Path(run_dir or os.getcwd())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same dense init on every rank
