@@ -33,8 +33,9 @@ import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_phantom.app.cli import CONF_DIR, RESULT_FILE, ConfigError, check_config, run_app_subprocess
-from lightning_phantom.app.report import run_label, write_outputs
+from lightning_phantom.app.cli import (CONF_DIR, RESULT_FILE, ConfigError, check_config, exit_on_config_error,
+                                      exit_on_interrupt, run_app_subprocess)
+from lightning_phantom.app.report import plot_against_ghosts, run_label, terminal_table, write_outputs
 
 
 def _key(override: str) -> str:
@@ -69,48 +70,78 @@ def _reusable(sweep_dir: Path, strategy: str, key: str) -> Optional[Path]:
     return None
 
 
-def compare(cfg: DictConfig) -> str:
-    """Run every strategy of ``cfg.compare.strategies`` (see the module docstring); returns the table."""
+def plan_runs(cfg: DictConfig, task_overrides: list[str]) -> dict[str, tuple[list[str], DictConfig, Any]]:
+    """Every strategy's overrides, composed configuration and checked plan, before any run starts."""
     from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    hc = HydraConfig.get()
-    out_dir = Path(hc.runtime.output_dir)
     strategies = list(cfg.compare.strategies)
     if not strategies:
         raise ConfigError("compare.strategies is empty; list at least one of phantom, tp, ddp, single")
     planned = {}
-    for s in strategies:  # every configuration is checked before the first run starts
+    for s in strategies:
         try:
-            overrides = overrides_for(s, list(hc.overrides.task))
+            overrides = overrides_for(s, task_overrides)
             composed = compose(config_name="config", overrides=overrides)
         except Exception as e:  # noqa: BLE001 - Hydra's own errors name the bad override
             raise ConfigError(f"compare, strategy={s}: {e}") from None
         planned[s] = (overrides, composed, check_config(composed))
+    return planned
+
+
+class CheckComparison(HydraCallback):
+    """``plan_runs`` before Hydra makes the run directory: a rejected comparison leaves no folder."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        exit_on_config_error("lightning-phantom-compare", plan_runs, config,
+                             [str(o) for o in config.hydra.overrides.task])
+
+
+def compare(cfg: DictConfig) -> str:
+    """Run every strategy of ``cfg.compare.strategies`` (see the module docstring); returns the table."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir).resolve()
+    planned = plan_runs(cfg, list(hc.overrides.task))
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN and cfg.compare.reuse else None
     results, runs = {}, {}
-    for s, (overrides, composed, plan) in planned.items():
+    for i, (s, (overrides, composed, plan)) in enumerate(planned.items(), 1):
         run_dir, key = out_dir / s, _config_key(composed)
+        head = f"compare: run {i} of {len(planned)}: {s}"
         reused = _reusable(sweep_dir, s, key) if sweep_dir is not None else None
         if reused is not None:
-            print(f"compare: {s}: same configuration as {reused}, reusing its result", flush=True)
-            run_dir = reused
+            print(f"{head}: same configuration as {reused}, reusing its result", flush=True)
+            run_dir = reused.resolve()
         else:
-            print(f"compare: {s} on {plan.world_size} process(es): python -m lightning_phantom "
+            print(f"{head} on {plan.world_size} process(es): python -m lightning_phantom "
                   f"{' '.join(overrides)}", flush=True)
             start = time.perf_counter()
-            rc = run_app_subprocess(overrides, run_dir, run_dir / "run.log", cfg.compare.timeout_s)
+            relay = None if cfg.get("quiet", False) else _progress_relay(s)
+            rc = run_app_subprocess(overrides, run_dir, run_dir / "run.log", cfg.compare.timeout_s, relay)
             if rc or not (run_dir / RESULT_FILE).exists():
                 sys.stderr.write((run_dir / "run.log").read_text()[-6000:])
                 raise RuntimeError(f"compare: the {s} run failed (exit code {rc}); see {run_dir / 'run.log'}")
             (run_dir / "config_key.txt").write_text(key + "\n")
-            print(f"compare: {s} done in {time.perf_counter() - start:.1f} s", flush=True)
+            print(f"{head} done in {time.perf_counter() - start:.1f} s", flush=True)
         result = json.loads((run_dir / RESULT_FILE).read_text())
         results[run_label(result)], runs[run_label(result)] = result, str(run_dir)
-    table = write_outputs(results, out_dir, "compare", runs)
-    print(f"{table}\n\n(compare.md, compare.csv, compare.png, compare.json in {out_dir})", flush=True)
+    write_outputs(results, out_dir, "compare", runs)
+    table = terminal_table(results)
+    print(f"{table}\n\n(full table: compare.md; also compare.csv, compare.png, compare.json in {out_dir})",
+          flush=True)
     return table
+
+
+def _progress_relay(strategy: str):
+    """Echo the run's progress lines (``ProgressLog``'s, prefixed with the strategy), indented."""
+    prefix = f"{strategy}: "
+
+    def relay(line: str) -> None:
+        if line.startswith(prefix):
+            print("  " + line, flush=True)
+
+    return relay
 
 
 def _job_overrides(job_dir: Path) -> list[str]:
@@ -131,6 +162,7 @@ class GatherSweep(HydraCallback):
         for job_dir in jobs_dirs:  # a job is named by what sets it apart from the others
             job = " ".join(o for o in overrides[job_dir] if o not in common) or job_dir.name
             for label, run_dir in json.loads((job_dir / "compare.json").read_text())["runs"].items():
+                run_dir = str(Path(run_dir).resolve())  # a reused run is named as the job that ran it
                 if run_dir in runs.values():
                     continue  # a run reused by several jobs appears once, with the job that ran it
                 name = f"{label} [job {job_dir.name}]" if label in results else label
@@ -139,18 +171,20 @@ class GatherSweep(HydraCallback):
         if not results:
             print(f"compare: no results to gather in {sweep_dir}", file=sys.stderr)
             return
-        table = write_outputs(results, sweep_dir, "sweep", runs, jobs)
-        print(f"\nSweep, {len(results)} runs:\n{table}\n\n(sweep.md, sweep.csv, sweep.png, sweep.json in "
-              f"{sweep_dir})", flush=True)
+        write_outputs(results, sweep_dir, "sweep", runs, jobs)
+        summary = " and sweep_ghosts.png" if plot_against_ghosts(results, sweep_dir / "sweep_ghosts.png") else ""
+        print(f"\nSweep, {len(results)} runs:\n{terminal_table(results)}\n\n(full table: sweep.md; also sweep.csv, "
+              f"sweep.json, sweep.png{summary} in {sweep_dir})", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="compare")
-def main(cfg: DictConfig) -> None:
-    try:
-        compare(cfg)
-    except ConfigError as e:
-        print(f"lightning-phantom.compare: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+def _compare_app(cfg: DictConfig) -> None:
+    exit_on_config_error("lightning-phantom-compare", compare, cfg)
+
+
+def main() -> None:
+    """``lightning-phantom-compare`` / ``python -m lightning_phantom.compare``."""
+    exit_on_interrupt("lightning-phantom-compare", _compare_app)
 
 
 if __name__ == "__main__":

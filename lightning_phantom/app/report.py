@@ -110,6 +110,49 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines + notes)
 
 
+TERMINAL = (  # header, CSV key, format: the headline columns, to fit a 100-column terminal
+    ("ranks", "ranks", "s"), ("params/rank", "params_per_rank", "si"), ("MACs/step", "macs_per_step", "si"),
+    ("sent B/step", "sent_bytes_per_step", "si"), ("step ms", "step_ms_median", "g"),
+    ("J/step", "J_per_step_median", "g"), ("val loss", "final_val_loss", "g"),
+    ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),
+)
+TERMINAL_WIDTH = 100
+
+
+def _si(value: Any) -> str:
+    """3 significant digits with k/M/G/T, for the terminal: 1050624 -> 1.05M."""
+    if value is None or value == "":
+        return "–"
+    value = float(value)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def terminal_table(results: dict[str, dict]) -> str:
+    """The headline columns as aligned text no wider than ``TERMINAL_WIDTH`` (all columns: the .md)."""
+    header = ["run"] + [c[0] for c in TERMINAL]
+    body = []
+    for label, result in results.items():
+        row = result_row(result)
+        body.append([label] + [_si(row[key]) if kind == "si" else _fmt(row[key], kind)
+                               for _, key, kind in TERMINAL])
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    widths[0] = min(widths[0], TERMINAL_WIDTH - sum(widths[1:]) - 2 * (len(widths) - 1))
+
+    def line(cells: list[str]) -> str:
+        first = cells[0] if len(cells[0]) <= widths[0] else cells[0][:widths[0] - 1] + "…"
+        return "  ".join([first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
+
+    meter = result_row(next(iter(results.values())))["meter"]
+    target = next((r["target_loss"] for r in map(result_row, results.values()) if r["target_loss"] is not None),
+                  None)
+    notes = [f"per rank and step; J: meter {meter}" + (" (an ESTIMATE)" if meter == "estimate" else "")
+             + f", all ranks; target: val_loss <= {target}"]
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body] + notes)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -117,34 +160,106 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot(results: dict[str, dict], path: Path, meter: str) -> None:
-    """Loss against cumulative joules and against wall time, one colour per run."""
+def _loss_name(result: dict) -> str:
+    task = (result.get("config") or {}).get("model", {}).get("task", "regression")
+    return "MSE" if task == "regression" else "cross-entropy"
+
+
+def _zoom(ax, values: list[float], log_ok: bool = True) -> None:
+    """y limits around ``values`` (where the curves differ), with labelled ticks inside them."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    values = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    if not values:
+        return
+    low, high = min(values) * 0.9, max(values) * 1.1
+    if log_ok and high / low > 10:  # several decades: log scale, ticks at 1, 2 and 5 of each
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.set_ylim(low, high)
+
+
+def plot(results: dict[str, dict], path: Path, meter: str):
+    """Val loss (points) and train loss (thin lines) against cumulative joules and wall time, with
+    the target; the y range is that of the validations and the target, where the runs differ."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_J, by_s) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (by_J, by_s) = plt.subplots(1, 2, figsize=(12, 4.8))
+    shown, target, name = [], None, "loss"
     for label, result in results.items():
         train, val = result["train_curve"], result["val_curve"]
+        name = _loss_name(result)
+        target = target if target is not None else (result.get("config") or {}).get("target_loss")
         for ax, x in ((by_J, 2), (by_s, 1)):
-            line, = ax.plot([r[x] for r in train], [r[3] for r in train], lw=0.8, alpha=0.7,
+            line, = ax.plot([r[x] for r in train], [r[3] for r in train], lw=0.7, alpha=0.45,
                             label=f"{label} train")
             if val:
-                ax.plot([r[x] for r in val], [r[3] for r in val], "o-", color=line.get_color(), ms=4,
+                ax.plot([r[x] for r in val], [r[3] for r in val], "o-", color=line.get_color(), ms=4, lw=1.5,
                         label=f"{label} val")
+        shown += [r[3] for r in val] or [r[3] for r in train]
+    if not any(r["val_curve"] for r in results.values()):  # no validation: the train curves' tails
+        shown = [r[3] for result in results.values() for r in result["train_curve"][len(result["train_curve"]) // 2:]]
     estimate = ": CPU time × W/core, an estimate" if meter == "estimate" else ""
     for ax, xlabel in ((by_J, f"cumulative energy, J ({meter}{estimate})"),
                        (by_s, "wall time since training started, s")):
+        if target is not None:
+            ax.axhline(target, color="black", ls="--", lw=1, label=f"target val {name} = {target:g}")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
+        ax.set_ylabel(f"val {name} (train: thin lines)")
+        _zoom(ax, shown + ([target] if target is not None else []))
+        ax.grid(alpha=0.3, which="both")
     by_J.legend(fontsize=7)
-    fig.suptitle("Loss against energy and against time")
+    fig.suptitle(f"Validation {name} against energy and against time; dashed: the target")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
+
+
+SWEEP_PANELS = (  # CSV key, y label
+    ("J_per_step_median", "J per step"), ("sent_bytes_per_step", "bytes sent per step and rank"),
+    ("step_ms_median", "step time, ms (median)"), ("target_J", "J to target"),
+)
+
+
+def plot_against_ghosts(results: dict[str, dict], path: Path) -> bool:
+    """A sweep's phantom runs against their number of ghosts, one panel per figure, each TP run a
+    horizontal line; False (and no file) where fewer than two phantom runs have one ghosts value."""
+    phantom = [(row, int(row["ghosts"])) for row in map(result_row, results.values())
+               if row["strategy"] == "phantom" and row["ghosts"].isdigit()]
+    if len({k for _, k in phantom}) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tp = [result_row(r) for r in results.values() if r["strategy"] == "tp"]
+    phantom.sort(key=lambda item: item[1])
+    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(4 * len(SWEEP_PANELS), 3.8))
+    for ax, (key, ylabel) in zip(axes, SWEEP_PANELS):
+        points = [(k, row[key]) for row, k in phantom if row[key] is not None]
+        if points:
+            ax.plot(*zip(*points), "o-", label="phantom")
+        for i, row in enumerate(tp):
+            if row[key] is not None:
+                ax.axhline(row[key], color=f"C{i + 1}", ls="--", label="tp" + (f" ({row['sizes']})" if len(tp) > 1
+                                                                               else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({k for _, k in phantom}), [str(k) for k in sorted({k for _, k in phantom})])
+        ax.set_xlabel("ghosts per rank and layer")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Phantom parallelism against the number of ghosts; dashed: tensor parallelism")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def run_label(result: dict) -> str:
