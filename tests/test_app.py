@@ -150,12 +150,15 @@ def test_user_config_dir_adds_groups(tmp_path):
 def test_compare_ctrl_c_stops_every_process(tmp_path):
     """Ctrl-C during a compare run: the run's processes are killed, one line, exit code 130."""
     out = tmp_path / "cmp"
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_phantom.compare", *TINY, "trainer.max_steps=100000",
-                             "progress_every=1", f"hydra.run.dir={out}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_phantom.compare", *TINY, "strategy.ghosts=4",
+                             "trainer.max_steps=100000", "progress_every=1", f"hydra.run.dir={out}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
     for line in proc.stdout:  # wait until the phantom run trains
+        seen.append(line)
         if line.startswith("  phantom: step "):
             break
+    assert proc.poll() is None, "".join(seen) + proc.stderr.read()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

@@ -111,7 +111,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 TERMINAL = (  # header, CSV key, format: the headline columns, to fit a 100-column terminal
-    ("ranks", "ranks", "s"), ("params/rank", "params_per_rank", "si"), ("MACs/step", "macs_per_step", "si"),
+    ("ranks", "ranks", "s"), ("MACs/step", "macs_per_step", "si"),
     ("sent B/step", "sent_bytes_per_step", "si"), ("step ms", "step_ms_median", "g"),
     ("J/step", "J_per_step_median", "g"), ("val loss", "final_val_loss", "g"),
     ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),
