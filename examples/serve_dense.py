@@ -1,9 +1,16 @@
 """Serve a phantom-trained model densely, on one process.
 
     python examples/serve_dense.py runs/train_phantom/phantom.ckpt   # the checkpoint train_phantom.py wrote
+    python examples/serve_dense.py outputs/.../logs/checkpoints/*.ckpt  # the app's (trainer.enable_checkpointing=true)
     python examples/serve_dense.py --inline                          # train one here first (2 processes)
-    python examples/serve_dense.py runs/train_phantom/phantom.ckpt --port 8000
-    curl -s localhost:8000 -d '{"inputs": [[0.1, ...32 numbers...]]}'
+    python examples/serve_dense.py CKPT --inputs '[[0.1, ...input_size numbers...]]'   # predict and exit
+    python examples/serve_dense.py CKPT --port 8000
+    curl -s localhost:8000 -d '{"inputs": [[0.1, ...input_size numbers...]]}'
+
+Any checkpoint of the app's ``FFNModule`` loads: a ``PhantomStrategy`` checkpoint directory, or
+the single file DDP or one device writes. Sizes come from the checkpoint's hyper-parameters;
+the model is evaluated on the built-in data set of its shape (teacher: 32 -> 8, digits:
+64 -> 10), if there is one.
 
 A phantom model is exactly a dense model whose off-diagonal blocks are low rank
 (docs/operator.md §7): the p shards are merged into one (``merge_shards``) and
@@ -27,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from lightning_phantom import PhantomFFN, merge_shards, sharded_parameters, to_dense
-from lightning_phantom.app.data import TeacherDataModule
+from lightning_phantom.app.data import DigitsDataModule, TeacherDataModule
 from lightning_phantom.app.module import FFNModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,10 +70,53 @@ def phantom_from_checkpoint(path: Path) -> tuple[dict, PhantomFFN]:
 
 
 def dense_from_checkpoint(path: Path) -> FFNModule:
-    hp, phantom = phantom_from_checkpoint(path)
-    module = FFNModule(**hp)
-    module.net = to_dense(phantom)  # one shard of size 1: no process group, no communication
+    """The dense ``FFNModule`` of a phantom checkpoint directory or of a one-file Lightning checkpoint."""
+    if not path.exists():
+        raise SystemExit(f"serve_dense: no checkpoint at {path}")
+    if path.is_dir():
+        if not (path / "meta.pt").is_file():
+            raise SystemExit(f"serve_dense: {path} is a directory without meta.pt: not a PhantomStrategy "
+                             "checkpoint (a tensor-parallel one is not supported: reshard or train with "
+                             "strategy=phantom, ddp or single)")
+        hp, phantom = phantom_from_checkpoint(path)
+        module = FFNModule(**hp)
+        module.net = to_dense(phantom)  # one shard of size 1: no process group, no communication
+        return module.eval()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # DDP or one device: one file
+    module = FFNModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
+
+
+def builtin_data(model: nn.Module, task: str):
+    """The validation set (x, y) of the app's data set that has the model's shape, or None."""
+    shape = (*sizes(model), task)
+    if shape == (32, 8, "regression"):
+        data = TeacherDataModule(batch_size=64)
+    elif shape == (64, 10, "classification"):
+        data = DigitsDataModule(batch_size=64)
+    else:
+        return None
+    data.setup("fit")
+    return data.val_set.tensors
+
+
+def sizes(model: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of the dense FFN: its first and last Linear."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[0].in_features, linears[-1].out_features
+
+
+def predict(model: nn.Module, inputs) -> torch.Tensor:
+    """``model`` on rows of numbers; a ValueError that names the expected width for anything else."""
+    width = sizes(model)[0]
+    x = torch.as_tensor(inputs, dtype=torch.float32)
+    if x.dim() != 2 or x.shape[1] != width:
+        got = f"{x.shape[1]} numbers per row" if x.dim() == 2 else f"a tensor of shape {tuple(x.shape)}"
+        raise ValueError(f"this model takes rows of {width} numbers (its input_size), got {got}; send "
+                         f'{{"inputs": [[...{width} numbers...], ...]}}')
+    with torch.no_grad():
+        return model(x)
 
 
 def dense_inline() -> FFNModule | None:
@@ -84,9 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            with torch.no_grad():
-                out = self.model(torch.tensor(body["inputs"], dtype=torch.float32))
-            reply, status = {"outputs": out.tolist()}, 200
+            reply, status = {"outputs": predict(self.model, body["inputs"]).tolist()}, 200
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             reply, status = {"error": f"{type(e).__name__}: {e}; send {{\"inputs\": [[...], ...]}}"}, 400
         data = json.dumps(reply).encode()
@@ -99,29 +147,43 @@ class _Handler(BaseHTTPRequestHandler):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", nargs="?", help="a checkpoint directory written by train_phantom.py")
+    parser.add_argument("checkpoint", nargs="?", help="a checkpoint written by the app or train_phantom.py")
     parser.add_argument("--inline", action="store_true", help="train a small phantom model here first")
+    parser.add_argument("--inputs", help="JSON rows to predict, printed as JSON; then exit")
     parser.add_argument("--port", type=int, help="serve JSON predictions over HTTP on this port")
     args = parser.parse_args()
     if bool(args.checkpoint) == args.inline:
-        parser.error("give a checkpoint directory or --inline (one of them)")
+        parser.error("give a checkpoint or --inline (one of them)")
     if args.inline:
         model = dense_inline()
         if model is None:
             return  # ranks > 0 only helped to gather the shards
     else:
         model = dense_from_checkpoint(Path(args.checkpoint))
-    data = TeacherDataModule(batch_size=64)
-    data.setup("predict")
-    x, y = data.val_set.tensors
-    with torch.no_grad():
-        pred = model(x)
-        print(f"dense model: {sum(t.numel() for t in model.parameters()):,} parameters, "
-              f"validation MSE {torch.nn.functional.mse_loss(pred, y).item():.6g} on {len(x)} rows")
+    (width, outputs), task = sizes(model), getattr(model, "task", "regression")
+    print(f"dense model: {sum(t.numel() for t in model.parameters()):,} parameters, "
+          f"{width} inputs -> {outputs} outputs")
+    if args.inputs is not None:
+        try:
+            print(json.dumps({"outputs": predict(model, json.loads(args.inputs)).tolist()}))
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"serve_dense: error: {e}") from None
+        return
+    data = builtin_data(model, task)
+    if data is None:
+        print("no built-in data set has this shape: not evaluated")
+    else:
+        x, y = data
+        pred = predict(model, x)
+        if task == "regression":
+            quality = f"validation MSE {torch.nn.functional.mse_loss(pred, y).item():.6g}"
+        else:
+            quality = f"validation accuracy {(pred.argmax(1) == y).float().mean().item():.4f}"
+        print(f"{quality} on {len(x)} rows")
     if args.port:
         _Handler.model = model
-        print(f"serving on http://127.0.0.1:{args.port}  "
-              f"(POST {{\"inputs\": [[...{x.shape[1]} numbers...]]}})", flush=True)
+        print(f"serving on http://127.0.0.1:{args.port}  (POST {{\"inputs\": [[...{width} numbers...]]}})",
+              flush=True)
         HTTPServer(("127.0.0.1", args.port), _Handler).serve_forever()
 
 

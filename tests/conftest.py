@@ -24,7 +24,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# The tests test this checkout, in this process and in every process they start (the app, the
+# examples, the rank pools), whatever lightning_phantom is installed: an installed wheel or an
+# editable install of another checkout would otherwise be what a subprocess imports.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 _POOLS: dict[int, "RankPool"] = {}
 

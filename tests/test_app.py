@@ -2,7 +2,8 @@
 
 Every run is a real subprocess (``python -m lightning_phantom ...``): with ``trainer.devices=2``
 Lightning's own launcher starts the second process, re-running the app under Hydra. Models
-are tiny and runs a few steps: the file takes 2-3 minutes on two cores.
+are tiny and runs a few steps: the file takes 3-4 minutes on two quiet cores. The processes
+import this checkout (tests/conftest.py sets PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ RUN = [  # 8 steps, validated twice; target_loss=10 is reached at the first vali
 TINY = RUN + ["data.train_size=512", "data.val_size=128"]  # width 16 on 2 ranks: ghosts <= 8
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     command = args if args[0].endswith("lightning-phantom") else [sys.executable, "-m", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
@@ -43,10 +45,19 @@ def _result(run_dir: Path) -> dict:
     return json.loads((run_dir / "result.json").read_text())
 
 
-def _launched_rank_1(run_dir: Path) -> bool:
-    # Lightning's launcher re-runs the app for rank 1 with hydra.job.name=train_ddp_process_1 in the
-    # parent's run directory (lightning/fabric/strategies/launchers/subprocess_script.py).
-    return (run_dir / "train_ddp_process_1.log").exists()
+def _ranks_measured(run_dir: Path) -> int:
+    # Rank 0 gathers every rank's figures over the process group (RunRecorder): one entry per
+    # process that Lightning's launcher started and that trained.
+    return len(_result(run_dir)["per_rank"])
+
+
+def _no_empty_files(run_dir: Path) -> None:
+    empty = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and p.stat().st_size == 0]
+    assert not empty, f"empty files in {run_dir}: {empty}"
+
+
+def _progress(stdout: str, strategy: str) -> list[str]:
+    return re.findall(rf"^ *{strategy}: step \d+/\d+, loss \S+, \S+ ms/step.*$", stdout, re.MULTILINE)
 
 
 # ------------------------------------------------------------------ in-process: config checks
@@ -103,6 +114,68 @@ def test_compare_passes_strategy_options_only_where_they_exist(compose):
     assert overrides_for("tp", given) == ["model.width=64", "strategy=tp"]
 
 
+def test_plot_shows_the_target_and_ticks_where_the_curves_differ(tmp_path):
+    from lightning_phantom.app.report import plot
+
+    def run(scale: float) -> dict:  # train loss from 1.0 down; validations between 0.12 and 0.2
+        train = [[s, 0.1 * s, scale * s, 1.0 / (1 + 0.1 * s)] for s in range(1, 201)]
+        val = [[s, 0.1 * s, scale * s, v] for s, v in ((50, 0.2 * scale), (100, 0.16 * scale), (200, 0.12 * scale))]
+        return {"train_curve": train, "val_curve": val,
+                "config": {"target_loss": 0.15, "model": {"task": "regression"}}}
+
+    fig = plot({"phantom k=16": run(1.0), "tp": run(1.1)}, tmp_path / "c.png", "estimate")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for ax in fig.axes:
+        assert ax.get_ylabel().startswith("val MSE")
+        assert any(list(line.get_ydata()) == [0.15, 0.15] and line.get_linestyle() == "--" for line in ax.lines)
+        low, high = ax.get_ylim()
+        assert 0.09 < low < 0.12 and 0.22 < high < 0.3  # the validations' range, not the first train loss
+        ticks = [t for t in ax.get_yticks() if low <= t <= high]
+        assert len(ticks) >= 4  # labelled ticks inside the range where the curves differ
+
+
+def test_user_config_dir_adds_groups(tmp_path):
+    """--config-dir (or hydra.searchpath) puts a user's own groups beside the shipped ones."""
+    mine = tmp_path / "mine" / "strategy"
+    mine.mkdir(parents=True)
+    (mine / "wide_phantom.yaml").write_text("defaults:\n  - phantom\n  - _self_\nghosts: 3\n")
+    for extra in (["--config-dir", str(tmp_path / "mine")], [f"hydra.searchpath=[file://{tmp_path / 'mine'}]"]):
+        proc = _run(["lightning_phantom", *extra, "strategy=wide_phantom", "data=digits", "--cfg", "job"],
+                    cwd=tmp_path)
+        _ok(proc)
+        assert "ghosts: 3" in proc.stdout and "DigitsDataModule" in proc.stdout  # the user's group and ours
+        assert "lightning_phantom.strategy.PhantomStrategy" in proc.stdout
+
+
+def test_compare_ctrl_c_stops_every_process(tmp_path):
+    """Ctrl-C during a compare run: the run's processes are killed, one line, exit code 130."""
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_phantom.compare", *TINY, "strategy.ghosts=4",
+                             "trainer.max_steps=100000", "progress_every=1", f"hydra.run.dir={out}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:  # wait until the phantom run trains
+        seen.append(line)
+        if line.startswith("  phantom: step "):
+            break
+    assert proc.poll() is None, "".join(seen) + proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == [
+        "lightning-phantom-compare: interrupted (Ctrl-C); every process of the run was stopped"]
+    time.sleep(1)
+    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).find(str(out)) >= 0]
+    assert not left, [_cmdline(pid) for pid in left]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 # ------------------------------------------------------------------ subprocesses: the app
 
 def test_compare_runs_every_strategy_and_counts_what_the_model_predicts(tmp_path):
@@ -115,7 +188,14 @@ def test_compare_runs_every_strategy_and_counts_what_the_model_predicts(tmp_path
         assert (out / name).stat().st_size > 0
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "compare.md").read_text()
-    assert table in proc.stdout and "| phantom | 4 | 2 |" in table
+    assert "| phantom | 4 | 2 |" in table and "peak RSS MiB/rank" in table  # the full table
+    printed = proc.stdout[proc.stdout.index("run  "):proc.stdout.index("(full table: compare.md")]
+    assert max(map(len, printed.splitlines())) <= 100, printed  # the terminal's: headline columns
+    assert re.search(r"^phantom k=4 +2 ", printed, re.MULTILINE) and "J to target" in printed
+    for i, strategy in enumerate(("phantom", "tp", "ddp", "single"), 1):
+        assert f"compare: run {i} of 4: {strategy} on " in proc.stdout  # progress: which run, which strategy
+        assert _progress(proc.stdout, strategy), proc.stdout  # the run's own progress lines, relayed
+    _no_empty_files(out)
     assert "estimate" in table and "ESTIMATE" in table  # the CPU meter is labelled as such
     assert "Counted bytes equal the model for every rank and strategy." in table
 
@@ -136,7 +216,7 @@ def test_compare_runs_every_strategy_and_counts_what_the_model_predicts(tmp_path
         result = _result(out / strategy)
         assert result["world_size"] == ranks and len(result["per_rank"]) == ranks
         assert result["config"]["model"]["width"] == 16 and result["steps"] == 8  # the overrides arrived
-        assert _launched_rank_1(out / strategy) == (ranks == 2)
+        assert _ranks_measured(out / strategy) == ranks
         for rank in result["per_rank"]:  # every rank, exactly (Fractions)
             assert Fraction(rank["sent_bytes"]) == Fraction(result["predicted"]["sent_bytes"])
     assert _result(out / "phantom")["ghosts"] == [4, 4]
@@ -147,30 +227,56 @@ def test_cli_phantom_on_digits_with_the_console_script(tmp_path):
     if not Path(script).exists():
         pytest.skip("the lightning-phantom console script is not installed")
     run_dir = tmp_path / "run"
-    proc = _run([script, "data=digits", "strategy.ghosts=2", "trainer.devices=2", *RUN,
-                 f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    proc = _run([script, "data=digits", "strategy.ghosts=2", "trainer.devices=2", *RUN, "quiet=true",
+                 "trainer.enable_checkpointing=true", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     _ok(proc)
     result = _result(run_dir)
     assert result["strategy"] == "phantom" and result["sizes"] == [64, 16, 16, 16, 10]
     assert result["config"]["data"]["_target_"].endswith("DigitsDataModule")
-    assert _launched_rank_1(run_dir)
+    assert _ranks_measured(run_dir) == 2
     assert "val_acc" in (run_dir / "logs" / "metrics.csv").read_text()
+    assert not _progress(proc.stdout, "phantom") and "validation at step" not in proc.stdout  # quiet=true
+    _no_empty_files(run_dir)
+
+    # examples/serve_dense.py serves the app's checkpoint: sizes from it, the digits data for its shape.
+    checkpoint, = (run_dir / "logs" / "checkpoints").glob("*.ckpt")
+    serve = [sys.executable, str(ROOT / "examples" / "serve_dense.py"), str(checkpoint)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    evaluated = subprocess.run(serve, capture_output=True, text=True, timeout=120, env=env)
+    _ok(evaluated)
+    assert "64 inputs -> 10 outputs" in evaluated.stdout and "validation accuracy" in evaluated.stdout
+    ok = subprocess.run(serve + ["--inputs", json.dumps([[0.5] * 64] * 3)], capture_output=True, text=True,
+                        timeout=120, env=env)
+    _ok(ok)
+    outputs = json.loads(ok.stdout.splitlines()[-1])["outputs"]
+    assert len(outputs) == 3 and all(len(row) == 10 for row in outputs)
+    wrong = subprocess.run(serve + ["--inputs", "[[1, 2, 3]]"], capture_output=True, text=True, timeout=120,
+                           env=env)
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "this model takes rows of 64 numbers (its input_size), got 3 numbers per row" in wrong.stderr
 
 
 def test_cli_tensor_parallel_through_lightnings_launcher(tmp_path):
+    """Also: a run shorter than val_check_interval validates at its end; progress by default."""
     run_dir = tmp_path / "run"
-    proc = _run(["lightning_phantom", "strategy=tp", "model.width=32", *TINY[1:], "trainer.devices=2",
-                 f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    short = [o for o in TINY[1:] if not o.startswith("trainer.val_check_interval")]
+    proc = _run(["lightning_phantom", "strategy=tp", "model.width=32", *short, "trainer.devices=2",
+                 "trainer.val_check_interval=50", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     _ok(proc)
     result = _result(run_dir)
     assert (result["strategy"], result["group_size"], result["sizes"][1]) == ("tp", 2, 32)
-    assert _launched_rank_1(run_dir)
+    assert _ranks_measured(run_dir) == 2
     assert "tp: 8 steps" in proc.stdout
+    assert [row[0] for row in result["val_curve"]] == [8] and result["final_val_step"] == 8  # once, at the end
+    assert result["energy"]["energy_to_target"]["step"] == 8  # target_loss=10: reached at that validation
+    lines = _progress(proc.stdout, "tp")
+    assert lines and lines[-1].startswith("tp: step 8/8, loss ") and "tp: validation at step 8: val_loss" in proc.stdout
+    _no_empty_files(run_dir)
 
 
 def test_compare_sweep_gathers_one_table(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = _run(["lightning_phantom.compare", "-m", "strategy.ghosts=2,4", *TINY, f"hydra.sweep.dir={sweep}"],
+    sweep = tmp_path / "sweep"  # given relative to the working directory, as Hydra's default is
+    proc = _run(["lightning_phantom.compare", "-m", "strategy.ghosts=2,4", *TINY, "hydra.sweep.dir=sweep"],
                 cwd=tmp_path)
     _ok(proc)
     rows = list(csv.DictReader(open(sweep / "sweep.csv")))
@@ -179,7 +285,10 @@ def test_compare_sweep_gathers_one_table(tmp_path):
     assert runs == [("phantom", "2"), ("phantom", "4"), ("tp", "")]
     assert "reusing its result" in proc.stdout
     assert all(r["sent_matches_model"] == "True" for r in rows)
-    assert (sweep / "sweep.md").read_text() in proc.stdout and (sweep / "sweep.png").exists()
+    assert len({r["run"] for r in rows}) == 3 and all(Path(r["run"]).is_absolute() for r in rows)
+    assert "Sweep, 3 runs:" in proc.stdout and "[job" not in proc.stdout
+    for name in ("sweep.png", "sweep_ghosts.png"):  # curves; J, bytes, time, J to target against ghosts
+        assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 BAD = [  # overrides, what stderr must say
@@ -206,8 +315,7 @@ def test_bad_overrides_fail_before_any_process_starts(tmp_path):
         assert proc.returncode != 0, stdout + stderr
         assert message in stderr, stderr
         assert "Initializing distributed" not in stdout + stderr  # no process group, no launched rank
-        assert not _launched_rank_1(run_dir) and not (run_dir / "result.json").exists()
-        assert not (run_dir / "phantom").exists()  # compare: checked before its first run
+        assert not run_dir.exists()  # checked before Hydra makes the run directory: nothing left behind
         assert elapsed < 60, f"{message}: took {elapsed:.0f} s"
 
 

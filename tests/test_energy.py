@@ -559,11 +559,20 @@ def test_energy_to_target_after_validation(tmp_path):
 def test_summary_goes_to_default_root_dir_without_logger(tmp_path):
     monitor = EnergyMonitor(meter="estimate", target={"monitor": "never_logged", "value": 1.0})
     trainer = _trainer(tmp_path, monitor, steps=2, log_every=1, logger=False, default_root_dir=tmp_path)
-    with pytest.warns(UserWarning, match="'never_logged' never appeared"):
+    with pytest.warns(UserWarning, match="'never_logged' never appeared.*log it with self.log\\('never_logged'"):
         trainer.fit(TinyFFN.make(), _loader())
     saved = json.loads((tmp_path / "energy_summary.json").read_text())
     assert saved["steps"] == 2 and saved["energy_to_target"] is None and saved["total_J"] > 0
     assert math.isclose(saved["total_J"], monitor.local_J)
+
+
+def test_target_warning_names_a_run_too_short_to_validate(tmp_path):
+    """A metric logged in validation_step is missing because no validation ran: the warning says so."""
+    monitor = EnergyMonitor(meter="estimate", target={"monitor": "val_steps", "value": 1.0})
+    trainer = _trainer(tmp_path, monitor, steps=3, log_every=1, val_check_interval=50,
+                       check_val_every_n_epoch=None)
+    with pytest.warns(UserWarning, match=r"no validation ran in these 3 training steps \(val_check_interval=50\)"):
+        trainer.fit(TinyFFN.make(val_metric=True), _loader(), _loader(16))
 
 
 def test_totals_and_target_survive_a_resume_from_checkpoint(tmp_path):

@@ -8,7 +8,7 @@ with a message before any process is started. Then every object is built with
 ``hydra.utils.instantiate`` and ``Trainer.fit`` runs; with ``trainer.devices > 1`` Lightning's
 subprocess launcher re-runs this app in each further process, and its Hydra handling gives
 them the parent's run directory. Rank 0 writes ``result.json`` there (what
-``lightning_phantom.compare.RunRecorder`` measured), which ``python -m lightning_phantom.compare``
+``lightning_phantom.app.recorder.RunRecorder`` measured), which ``python -m lightning_phantom.compare``
 reads.
 
 Under a Hydra multirun (``-m``) a job on several devices runs as a plain run in a subprocess:
@@ -19,19 +19,28 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import hydra
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_phantom._checks import positive_int
+from lightning_phantom.app.processes import run_app_subprocess
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def _conf_dir() -> Path:
+    """The configs: ``lightning_phantom/conf`` in an installed package (setup.py ships the
+    top-level ``conf/`` there), else the ``conf/`` of the source checkout this package runs from."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "conf"
+    return installed if (installed / "config.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 RESULT_FILE = "result.json"
 STRATEGIES = {  # _target_ (class or factory) → the name the app and the tables use
     "lightning_phantom.strategy.PhantomStrategy": "phantom",
@@ -189,6 +198,9 @@ def check_config(cfg: DictConfig) -> Plan:
     elif kind == "tp":
         group, data = _check_tp(cfg.strategy, world, nodes, sizes)
     _check_energy(cfg)
+    every = cfg.get("progress_every", "auto")
+    if every != "auto":
+        _int("progress_every", every)
     return Plan(kind, world, group, data, sizes, ghosts)
 
 
@@ -200,7 +212,8 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
     from lightning.pytorch.loggers import CSVLogger
 
     import lightning_phantom.strategy  # noqa: F401  registers strategy="phantom"
-    from lightning_phantom.app.compare import RunRecorder
+    from lightning_phantom.app.callbacks import ProgressLog, ValidateAtEnd
+    from lightning_phantom.app.recorder import RunRecorder
 
     run_dir = Path(run_dir or os.getcwd())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same dense init on every rank
@@ -213,12 +226,20 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
     recorder = RunRecorder(plan, count_step=measure.get("count_step"), energy=monitor,
                            warmup_steps=measure.get("warmup_steps", 3),
                            rss_period_s=measure.get("rss_period_s", 0.01))
+    every = cfg.get("progress_every", "auto")
+    progress = None if cfg.get("quiet", False) else ProgressLog(None if every == "auto" else every,
+                                                               prefix=f"{plan.strategy}: ")
     # The recorder after the monitor: it reads the joules of the step the monitor has just closed.
-    callbacks = [c for c in (monitor, recorder) if c is not None]
+    callbacks = [c for c in (ValidateAtEnd(), monitor, recorder, progress) if c is not None]
     logger = CSVLogger(run_dir, name="logs", version="") if cfg.get("csv_logger", True) else False
     trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger,
                                       default_root_dir=str(run_dir))
-    trainer.fit(model, datamodule=data)
+    try:
+        trainer.fit(model, datamodule=data)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning stopped every process on Ctrl-C and exits with 1
+            raise KeyboardInterrupt from None
+        raise
     if not trainer.is_global_zero:
         return None
     result = {**recorder.result, "config": OmegaConf.to_container(cfg, resolve=True), "plan": asdict(plan)}
@@ -237,31 +258,6 @@ def summary_line(result: dict) -> str:
             f"val loss {'-' if val is None else format(val, '.4g')}{joules}")
 
 
-def run_app_subprocess(overrides: Sequence[str], run_dir: Path, log_path: Path, timeout_s: float) -> int:
-    """``python -m lightning_phantom OVERRIDES hydra.run.dir=RUN_DIR``, its output in ``log_path``.
-
-    The child gets a session of its own, so that on a timeout (or an interrupt) the whole run,
-    the Lightning launcher's children included, is killed rather than left behind.
-    """
-    command = [sys.executable, "-m", "lightning_phantom", *overrides, f'hydra.run.dir="{run_dir}"']
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise TimeoutError(f"{' '.join(command)} ran past {timeout_s:.0f} s and was killed; see "
-                               f"{log_path}") from None
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-
-
 def _launched_externally() -> bool:
     """This process is one rank of a job someone else started (Lightning, torchrun, SLURM)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
@@ -275,29 +271,58 @@ def _run_multirun_job() -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     log = run_dir / "run.log"
-    rc = run_app_subprocess(list(hc.overrides.task), run_dir, log, timeout_s=7 * 24 * 3600)
+    rc = run_app_subprocess(list(hc.overrides.task), run_dir, log, timeout_s=7 * 24 * 3600, relay=print)
     if rc:
-        sys.stderr.write(log.read_text()[-6000:])
-        raise SystemExit(rc)
-    print(next((line for line in reversed(log.read_text().splitlines()) if " steps, median step " in line),
-               f"done: {run_dir}"), flush=True)
+        raise SystemExit(rc)  # its output, the error included, was relayed above
+
+
+class CheckConfig(HydraCallback):
+    """Checks the configuration before Hydra makes the run directory (``hydra.callbacks`` in
+    conf/config.yaml): a rejected configuration leaves no folder behind."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        exit_on_config_error("lightning-phantom", check_config, config)
+
+
+def exit_on_config_error(program: str, check: Callable, *args: Any) -> Any:
+    """``check(*args)``; a ``ConfigError`` becomes one line on stderr and exit code 2."""
+    try:
+        return check(*args)
+    except ConfigError as e:
+        print(f"{program}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def exit_on_interrupt(program: str, fn: Callable[[], Any]) -> None:
+    """``fn()``; Ctrl-C becomes one line on stderr and exit code 130 (128 + SIGINT), as in a shell.
+
+    Whatever ``fn`` started is stopped before this: Lightning's launcher kills its ranks, and
+    ``run_app_subprocess`` kills the run's whole session.
+    """
+    try:
+        fn()
+    except KeyboardInterrupt:
+        print(f"\n{program}: interrupted (Ctrl-C); every process of the run was stopped", file=sys.stderr,
+              flush=True)
+        raise SystemExit(130) from None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    try:
-        plan = check_config(cfg)
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN and plan.world_size > 1 and not _launched_externally():
-            _run_multirun_job()
-        else:
-            run(cfg, hc.runtime.output_dir)
-    except ConfigError as e:
-        print(f"lightning-phantom: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    plan = exit_on_config_error("lightning-phantom", check_config, cfg)
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and plan.world_size > 1 and not _launched_externally():
+        _run_multirun_job()
+    else:
+        exit_on_config_error("lightning-phantom", run, cfg, hc.runtime.output_dir)
+
+
+def main() -> None:
+    """``lightning-phantom`` / ``python -m lightning_phantom``."""
+    exit_on_interrupt("lightning-phantom", _app)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ class EnergyMonitor(Callback):
         self._last_J = self._last_s = self._start_s = 0.0
         self._resumed_s = 0.0  # wall time of the runs before a resume from checkpoint
         self._monitor_seen = False
+        self._validations = 0  # validation loops run during fit (not the sanity check)
         self._warned_batch = False
         self._summary: dict | None = None
 
@@ -251,7 +252,10 @@ class EnergyMonitor(Callback):
             self._log(pl_module, *self._reduce(trainer))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or self._meter is None or not self._target_pending():
+        if trainer.sanity_checking or self._meter is None:
+            return
+        self._validations += 1
+        if not self._target_pending():
             return
         # Rare (once per validation, only until the target is met), hence its own all-reduce.
         value = None
@@ -271,10 +275,7 @@ class EnergyMonitor(Callback):
         self._pending_s += now_s - self._last_s
         self._reduce(trainer, extra=[tail_J])
         if self.target is not None and self.energy_to_target is None and not self._monitor_seen:
-            rank_zero_warn(
-                f"EnergyMonitor target metric {self.target['monitor']!r} never appeared in "
-                f"trainer.callback_metrics (seen: {sorted(trainer.callback_metrics)}); log it with self.log"
-            )
+            rank_zero_warn(self._missing_metric_reason(trainer))
         self._summary = self.summary()
         log_dir = trainer.log_dir or trainer.default_root_dir  # collective: every rank calls it
         if trainer.is_global_zero:
@@ -347,6 +348,20 @@ class EnergyMonitor(Callback):
         }
         for name, (value, prog_bar) in values.items():
             pl_module.log(prefix + name, value, on_step=True, on_epoch=False, prog_bar=prog_bar)
+
+    def _missing_metric_reason(self, trainer: Trainer) -> str:
+        name = self.target["monitor"]
+        head = f"EnergyMonitor: the target metric {name!r} never appeared, so energy to target is unknown: "
+        if self._validations == 0 and trainer.val_dataloaders is not None and trainer.limit_val_batches != 0:
+            return head + (
+                f"no validation ran in these {trainer.global_step} training steps (val_check_interval="
+                f"{trainer.val_check_interval}); metrics logged in validation_step appear only after one. "
+                "Validate at least once (a val_check_interval <= max_steps)"
+            )
+        return head + (
+            f"it was not logged (trainer.callback_metrics has {sorted(trainer.callback_metrics)}); log it with "
+            f"self.log({name!r}, ...), or set target={{'monitor': ...}} to a metric the module logs"
+        )
 
     def _target_pending(self) -> bool:
         return self.target is not None and self.energy_to_target is None

@@ -1,0 +1,280 @@
+"""The comparison's outputs: one flat row per run, the Markdown table, CSV, JSON and the plots.
+
+``write_outputs`` turns ``{label: result.json contents}`` into ``<stem>.md``, ``.csv``, ``.png`` and
+``.json``; ``compare`` writes ``compare.*`` per job and ``GatherSweep`` ``sweep.*`` per sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _exact(value: Optional[str]) -> Optional[Fraction]:
+    return None if value is None else Fraction(value)
+
+
+def result_row(result: dict, run: str = "", job: str = "") -> dict:
+    """One strategy's run as a flat row (the CSV columns); the largest per-rank figure where ranks differ."""
+    ranks, predicted = result["per_rank"], result.get("predicted") or {}
+    energy = result.get("energy") or {}
+    target = energy.get("energy_to_target") or {}
+    sent = [_exact(r.get("sent_bytes")) for r in ranks]
+    counted = predicted and None not in sent
+    return {
+        "job": job, "strategy": result["strategy"], "ranks": result["world_size"],
+        "group_size": result["group_size"],
+        "ghosts": ",".join(map(str, sorted(set(result["ghosts"])))) if result.get("ghosts") else "",
+        "sizes": "x".join(map(str, result["sizes"])), "rows_per_step": ranks[0].get("rows"),
+        "params_per_rank": max(r["params"] for r in ranks), "params_model": predicted.get("params"),
+        "macs_per_step": max(r["flops"] // 2 for r in ranks) if all("flops" in r for r in ranks) else None,
+        "macs_model": predicted.get("macs"),
+        "sent_bytes_per_step": float(max(sent)) if counted else None,
+        "sent_bytes_model": float(_exact(predicted["sent_bytes"])) if predicted else None,
+        "sent_matches_model": all(b == _exact(predicted["sent_bytes"]) for b in sent) if counted else None,
+        "other_sent_bytes_per_step": max(float(_exact(r.get("other_sent_bytes", "0"))) for r in ranks),
+        "step_ms_median": 1e3 * result["step_time_s"],
+        "state_bytes_per_rank": max(r.get("state_bytes", 0) for r in ranks),
+        "rss_peak_bytes_per_rank": max(r["rss_peak"] for r in ranks),
+        "cuda_peak_bytes_per_rank": max(r["cuda_peak"] for r in ranks) if "cuda_peak" in ranks[0] else None,
+        "meter": energy.get("meter") or "off",
+        "J_per_step_median": energy.get("J_per_step_median"), "total_J": energy.get("total_J"),
+        "steps": result["steps"], "wall_s": result["wall_s"],
+        "final_train_loss": result["final_train_loss"], "final_val_loss": result["final_val_loss"],
+        "target_loss": target.get("target", result.get("config", {}).get("target_loss")),
+        "target_J": target.get("energy_J"), "target_s": target.get("time_s"),
+        "target_step": target.get("step"),
+        "run": run,
+    }
+
+
+def _fmt(value: Any, kind: str = "g") -> str:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if kind == "int":
+        return f"{int(value):,}"
+    if kind == "MiB":
+        return f"{value / 2**20:.1f}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+COLUMNS = (  # header, CSV key, format
+    ("strategy", "strategy", "s"), ("ghosts", "ghosts", "s"), ("ranks", "ranks", "s"),
+    ("params/rank", "params_per_rank", "int"),
+    ("MACs/step/rank", "macs_per_step", "int"), ("model MACs", "macs_model", "int"),
+    ("sent B/step/rank", "sent_bytes_per_step", "int"), ("model B", "sent_bytes_model", "int"),
+    ("step ms", "step_ms_median", "g"), ("state MiB/rank", "state_bytes_per_rank", "MiB"),
+    ("peak RSS MiB/rank", "rss_peak_bytes_per_rank", "MiB"),
+    ("peak CUDA MiB/rank", "cuda_peak_bytes_per_rank", "MiB"),
+    ("J/step", "J_per_step_median", "g"), ("total J", "total_J", "g"),
+    ("train loss", "final_train_loss", "g"), ("val loss", "final_val_loss", "g"),
+    ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),
+    ("step at target", "target_step", "s"),
+)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table, with what each column means below it."""
+    columns = [c for c in COLUMNS if c[1] != "cuda_peak_bytes_per_rank"
+               or any(row[c[1]] is not None for row in rows)]
+    if any(row["job"] for row in rows):
+        columns.insert(0, ("job", "job", "s"))
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row[key], kind) for _, key, kind in columns) + " |" for row in rows]
+    meters = sorted({row["meter"] for row in rows})
+    matches = [row["sent_matches_model"] for row in rows]
+    if all(matches):
+        check = "Counted bytes equal the model for every rank and strategy."
+    elif None in matches:
+        check = "Bytes were not counted for some runs (measure.count_step is null or past max_steps)."
+    else:
+        check = ("Counted bytes DIFFER from the model for: "
+                 + ", ".join(row["strategy"] for row in rows if not row["sent_matches_model"]) + ".")
+    target = next((row["target_loss"] for row in rows if row["target_loss"] is not None), None)
+    estimate = (" — an ESTIMATE (CPU time × watts per core), not a measurement" if "estimate" in meters
+                else "")
+    notes = [
+        "",
+        f"Energy meter: {', '.join(meters)}{estimate}; J summed over all ranks; J/step: median step.",
+        "MACs: multiply-adds of one training step, counted on each rank (LocalFlopCounterMode). sent B: "
+        "bytes a rank hands to collectives in one step's forward + backward (CommCounter, ring convention). "
+        f"model: lightning_phantom.cost. {check}",
+        "step ms: median over steps of the slowest rank. state: parameters + gradients + optimizer state a "
+        "rank holds. peak RSS: the whole process, sampled during training.",
+        f"train loss: mean of the last 10 steps. val loss: last validation. target: val_loss <= {target}.",
+    ]
+    return "\n".join(lines + notes)
+
+
+TERMINAL = (  # header, CSV key, format: the headline columns, to fit a 100-column terminal
+    ("ranks", "ranks", "s"), ("MACs/step", "macs_per_step", "si"),
+    ("sent B/step", "sent_bytes_per_step", "si"), ("step ms", "step_ms_median", "g"),
+    ("J/step", "J_per_step_median", "g"), ("val loss", "final_val_loss", "g"),
+    ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),
+)
+TERMINAL_WIDTH = 100
+
+
+def _si(value: Any) -> str:
+    """3 significant digits with k/M/G/T, for the terminal: 1050624 -> 1.05M."""
+    if value is None or value == "":
+        return "–"
+    value = float(value)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def terminal_table(results: dict[str, dict]) -> str:
+    """The headline columns as aligned text no wider than ``TERMINAL_WIDTH`` (all columns: the .md)."""
+    header = ["run"] + [c[0] for c in TERMINAL]
+    body = []
+    for label, result in results.items():
+        row = result_row(result)
+        body.append([label] + [_si(row[key]) if kind == "si" else _fmt(row[key], kind)
+                               for _, key, kind in TERMINAL])
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    widths[0] = min(widths[0], TERMINAL_WIDTH - sum(widths[1:]) - 2 * (len(widths) - 1))
+
+    def line(cells: list[str]) -> str:
+        first = cells[0] if len(cells[0]) <= widths[0] else cells[0][:widths[0] - 1] + "…"
+        return "  ".join([first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
+
+    meter = result_row(next(iter(results.values())))["meter"]
+    target = next((r["target_loss"] for r in map(result_row, results.values()) if r["target_loss"] is not None),
+                  None)
+    notes = [f"per rank and step; J: meter {meter}" + (" (an ESTIMATE)" if meter == "estimate" else "")
+             + f", all ranks; target: val_loss <= {target}"]
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body] + notes)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _loss_name(result: dict) -> str:
+    task = (result.get("config") or {}).get("model", {}).get("task", "regression")
+    return "MSE" if task == "regression" else "cross-entropy"
+
+
+def _zoom(ax, values: list[float], log_ok: bool = True) -> None:
+    """y limits around ``values`` (where the curves differ), with labelled ticks inside them."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    values = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    if not values:
+        return
+    low, high = min(values) * 0.9, max(values) * 1.1
+    if log_ok and high / low > 10:  # several decades: log scale, ticks at 1, 2 and 5 of each
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.set_ylim(low, high)
+
+
+def plot(results: dict[str, dict], path: Path, meter: str):
+    """Val loss (points) and train loss (thin lines) against cumulative joules and wall time, with
+    the target; the y range is that of the validations and the target, where the runs differ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_J, by_s) = plt.subplots(1, 2, figsize=(12, 4.8))
+    shown, target, name = [], None, "loss"
+    for label, result in results.items():
+        train, val = result["train_curve"], result["val_curve"]
+        name = _loss_name(result)
+        target = target if target is not None else (result.get("config") or {}).get("target_loss")
+        for ax, x in ((by_J, 2), (by_s, 1)):
+            line, = ax.plot([r[x] for r in train], [r[3] for r in train], lw=0.7, alpha=0.45,
+                            label=f"{label} train")
+            if val:
+                ax.plot([r[x] for r in val], [r[3] for r in val], "o-", color=line.get_color(), ms=4, lw=1.5,
+                        label=f"{label} val")
+        shown += [r[3] for r in val] or [r[3] for r in train]
+    if not any(r["val_curve"] for r in results.values()):  # no validation: the train curves' tails
+        shown = [r[3] for result in results.values() for r in result["train_curve"][len(result["train_curve"]) // 2:]]
+    estimate = ": CPU time × W/core, an estimate" if meter == "estimate" else ""
+    for ax, xlabel in ((by_J, f"cumulative energy, J ({meter}{estimate})"),
+                       (by_s, "wall time since training started, s")):
+        if target is not None:
+            ax.axhline(target, color="black", ls="--", lw=1, label=f"target val {name} = {target:g}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"val {name} (train: thin lines)")
+        _zoom(ax, shown + ([target] if target is not None else []))
+        ax.grid(alpha=0.3, which="both")
+    by_J.legend(fontsize=7)
+    fig.suptitle(f"Validation {name} against energy and against time; dashed: the target")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+SWEEP_PANELS = (  # CSV key, y label
+    ("J_per_step_median", "J per step"), ("sent_bytes_per_step", "bytes sent per step and rank"),
+    ("step_ms_median", "step time, ms (median)"), ("target_J", "J to target"),
+)
+
+
+def plot_against_ghosts(results: dict[str, dict], path: Path) -> bool:
+    """A sweep's phantom runs against their number of ghosts, one panel per figure, each TP run a
+    horizontal line; False (and no file) where fewer than two phantom runs have one ghosts value."""
+    phantom = [(row, int(row["ghosts"])) for row in map(result_row, results.values())
+               if row["strategy"] == "phantom" and row["ghosts"].isdigit()]
+    if len({k for _, k in phantom}) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tp = [result_row(r) for r in results.values() if r["strategy"] == "tp"]
+    phantom.sort(key=lambda item: item[1])
+    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(4 * len(SWEEP_PANELS), 3.8))
+    for ax, (key, ylabel) in zip(axes, SWEEP_PANELS):
+        points = [(k, row[key]) for row, k in phantom if row[key] is not None]
+        if points:
+            ax.plot(*zip(*points), "o-", label="phantom")
+        for i, row in enumerate(tp):
+            if row[key] is not None:
+                ax.axhline(row[key], color=f"C{i + 1}", ls="--", label="tp" + (f" ({row['sizes']})" if len(tp) > 1
+                                                                               else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({k for _, k in phantom}), [str(k) for k in sorted({k for _, k in phantom})])
+        ax.set_xlabel("ghosts per rank and layer")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Phantom parallelism against the number of ghosts; dashed: tensor parallelism")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_label(result: dict) -> str:
+    ghosts = sorted(set(result.get("ghosts") or []))
+    return result["strategy"] + (f" k={','.join(map(str, ghosts))}" if ghosts else "")
+
+
+def write_outputs(results: dict[str, dict], out_dir: Path, stem: str, runs: dict[str, str],
+                  jobs: Optional[dict[str, str]] = None) -> str:
+    """``stem``.md/.csv/.png/.json in ``out_dir``; returns the Markdown table."""
+    jobs = jobs or {}
+    rows = [result_row(r, runs[label], jobs.get(label, "")) for label, r in results.items()]
+    table = markdown_table(rows)
+    (out_dir / f"{stem}.md").write_text(table + "\n")
+    write_csv(rows, out_dir / f"{stem}.csv")
+    plot(results, out_dir / f"{stem}.png", rows[0]["meter"])
+    (out_dir / f"{stem}.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1))
+    return table
