@@ -224,8 +224,9 @@ def check_config(cfg: DictConfig) -> Plan:
     stop = cfg.get("stop_at_target", False)
     if not isinstance(stop, bool):
         raise ConfigError(f"stop_at_target must be true or false, got {stop!r}")
-    if stop and (isinstance(cfg.get("target_loss"), bool) or not isinstance(cfg.get("target_loss"), (int, float))):
-        raise ConfigError(f"stop_at_target=true needs a number as target_loss, got {cfg.get('target_loss')!r}")
+    target = cfg.get("target_loss")
+    if stop and (isinstance(target, bool) or not isinstance(target, (int, float))):
+        raise ConfigError(f"stop_at_target=true needs a number as target_loss, got {target!r}")
     return Plan(kind, world, group, data, sizes, ghosts)
 
 

@@ -16,6 +16,14 @@ only). In a sweep, a run whose composed configuration equals one already done in
 (TP does not depend on ghosts) is reused, and ``GatherSweep`` puts every job's rows in
 ``sweep.md`` / ``sweep.csv`` / ``sweep.png`` at the end.
 
+Runs with settings of their own: ``compare.runs`` (``conf/compare_fewer_ranks.yaml``), a list of
+``{name, overrides}``, replaces the one-run-per-strategy list; each run gets ``compare.overrides``,
+this command's overrides and its own, later winning, so that any key (``trainer.devices``,
+``model.width``, ``strategy.ghosts``) may differ between runs. Its folder and its label in every
+table and plot are its name::
+
+    python -m lightning_phantom.compare --config-name compare_fewer_ranks   # phantom on 2, TP on 4
+
 What each rank measures: see ``lightning_phantom.app.recorder``. Tables and plots:
 ``lightning_phantom.app.report``.
 """
@@ -115,7 +123,8 @@ def plan_named_runs(compare_cfg: DictConfig, task_overrides: list[str]
     from hydra import compose
 
     common = _override_list(compare_cfg.get("overrides"), "compare.overrides")
-    task = [o for o in task_overrides if _key(o) != "strategy" and not _key(o).startswith(("compare", "hydra"))]
+    task = [o for o in task_overrides
+            if _key(o) != "strategy" and not _key(o).startswith(("compare", "hydra"))]
     planned = {}
     for i, entry in enumerate(compare_cfg.runs):
         where = f"compare.runs[{i}]"
@@ -130,8 +139,9 @@ def plan_named_runs(compare_cfg: DictConfig, task_overrides: list[str]
         try:
             selection = [o for o in common + own if _key(o) == "strategy"][-1:]  # the run's strategy
             strategy = compose(config_name="config", overrides=selection).strategy
-            shared = [o for o in common + task if not (_key(o).startswith("strategy.") and not o.startswith("+")
-                                                       and _key(o).split(".")[1] not in strategy)]
+            shared = [o for o in common + task  # strategy.KEY only where the run's strategy has KEY
+                      if not (_key(o).startswith("strategy.") and not o.startswith("+")
+                              and _key(o).split(".")[1] not in strategy)]
             overrides = shared + own
             composed = compose(config_name="config", overrides=overrides)
         except Exception as e:  # noqa: BLE001 - Hydra's own errors name the bad override

@@ -26,7 +26,8 @@ def result_row(result: dict, run: str = "", job: str = "") -> dict:
     sent = [_exact(r.get("sent_bytes")) for r in ranks]
     counted = predicted and None not in sent
     return {
-        "job": job, "name": result.get("name", ""), "strategy": result["strategy"], "ranks": result["world_size"],
+        "job": job, "name": result.get("name", ""), "strategy": result["strategy"],
+        "ranks": result["world_size"],
         "group_size": result["group_size"],
         "ghosts": ",".join(map(str, sorted(set(result["ghosts"])))) if result.get("ghosts") else "",
         "sizes": "x".join(map(str, result["sizes"])), "rows_per_step": ranks[0].get("rows"),
@@ -49,7 +50,8 @@ def result_row(result: dict, run: str = "", job: str = "") -> dict:
         "target_J": target.get("energy_J"), "target_s": target.get("time_s"),
         "target_step": target.get("step"),
         "final_val_acc": (result.get("val_acc_curve") or [[None, None]])[-1][1],
-        "target_rank_s": target["time_s"] * result["world_size"] if target.get("time_s") is not None else None,
+        "target_rank_s": (target["time_s"] * result["world_size"] if target.get("time_s") is not None
+                          else None),
         "run": run,
     }
 
@@ -119,7 +121,8 @@ TERMINAL = (  # header, CSV key, format: the headline columns, to fit a 100-colu
     ("ranks", "ranks", "s"), ("params", "params_model", "si"), ("params/rank", "params_per_rank", "si"),
     ("MACs/step", "macs_per_step", "si"),
     ("sent B/step", "sent_bytes_per_step", "si"), ("step ms", "step_ms_median", "g"),
-    ("J/step", "J_per_step_median", "g"), ("val loss", "final_val_loss", "g"), ("val acc", "final_val_acc", "g"),
+    ("J/step", "J_per_step_median", "g"), ("val loss", "final_val_loss", "g"),
+    ("val acc", "final_val_acc", "g"),
     ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),
 )
 TERMINAL_WIDTH = 100
