@@ -201,6 +201,12 @@ def check_config(cfg: DictConfig) -> Plan:
     every = cfg.get("progress_every", "auto")
     if every != "auto":
         _int("progress_every", every)
+    stop = cfg.get("stop_at_target", False)
+    if not isinstance(stop, bool):
+        raise ConfigError(f"stop_at_target must be true or false, got {stop!r}")
+    target = cfg.get("target_loss")
+    if stop and (isinstance(target, bool) or not isinstance(target, (int, float))):
+        raise ConfigError(f"stop_at_target=true needs a number as target_loss, got {target!r}")
     return Plan(kind, world, group, data, sizes, ghosts)
 
 
@@ -231,6 +237,12 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
                                                                prefix=f"{plan.strategy}: ")
     # The recorder after the monitor: it reads the joules of the step the monitor has just closed.
     callbacks = [c for c in (ValidateAtEnd(), monitor, recorder, progress) if c is not None]
+    if cfg.get("stop_at_target", False):
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        # Stops at the threshold only: no patience-based stop (its patience is never used up).
+        callbacks.append(EarlyStopping("val_loss", mode="min", stopping_threshold=float(cfg.target_loss),
+                                       patience=sys.maxsize, check_on_train_epoch_end=False))
     logger = CSVLogger(run_dir, name="logs", version="") if cfg.get("csv_logger", True) else False
     trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger,
                                       default_root_dir=str(run_dir))

@@ -16,6 +16,14 @@ only). In a sweep, a run whose composed configuration equals one already done in
 (TP does not depend on ghosts) is reused, and ``GatherSweep`` puts every job's rows in
 ``sweep.md`` / ``sweep.csv`` / ``sweep.png`` at the end.
 
+Runs with settings of their own: ``compare.runs`` (``conf/compare_fewer_ranks.yaml``), a list of
+``{name, overrides}``, replaces the one-run-per-strategy list; each run gets ``compare.overrides``,
+this command's overrides and its own, later winning, so that any key (``trainer.devices``,
+``model.width``, ``strategy.ghosts``) may differ between runs. Its folder and its label in every
+table and plot are its name::
+
+    python -m lightning_phantom.compare --config-name compare_fewer_ranks   # phantom on 2, TP on 4
+
 What each rank measures: see ``lightning_phantom.app.recorder``. Tables and plots:
 ``lightning_phantom.app.report``.
 """
@@ -72,9 +80,15 @@ def _reusable(sweep_dir: Path, strategy: str, key: str) -> Optional[Path]:
 
 
 def plan_runs(cfg: DictConfig, task_overrides: list[str]) -> dict[str, tuple[list[str], DictConfig, Any]]:
-    """Every strategy's overrides, composed configuration and checked plan, before any run starts."""
+    """Every run's overrides, composed configuration and checked plan, before any run starts.
+
+    Runs are ``compare.runs`` where given (each its own settings, ``plan_named_runs``), else one
+    per strategy of ``compare.strategies``; keyed by the run's name (the strategy's, for the latter).
+    """
     from hydra import compose
 
+    if cfg.compare.get("runs"):
+        return plan_named_runs(cfg.compare, task_overrides)
     strategies = list(cfg.compare.strategies)
     if not strategies:
         raise ConfigError("compare.strategies is empty; list at least one of phantom, tp, ddp, single")
@@ -86,6 +100,57 @@ def plan_runs(cfg: DictConfig, task_overrides: list[str]) -> dict[str, tuple[lis
         except Exception as e:  # noqa: BLE001 - Hydra's own errors name the bad override
             raise ConfigError(f"compare, strategy={s}: {e}") from None
         planned[s] = (overrides, composed, check_config(composed))
+    return planned
+
+
+def _override_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not OmegaConf.is_list(value) or not all(isinstance(o, str) and "=" in o for o in value):
+        raise ConfigError(f"{where} must be a list of Hydra overrides like [strategy=tp, trainer.devices=4], "
+                          f"got {OmegaConf.to_container(value) if OmegaConf.is_config(value) else value!r}")
+    return [str(o) for o in value]
+
+
+def plan_named_runs(compare_cfg: DictConfig, task_overrides: list[str]
+                    ) -> dict[str, tuple[list[str], DictConfig, Any]]:
+    """``compare.runs``: each run is ``python -m lightning_phantom`` with, in this order (later wins),
+    ``compare.overrides`` (every run), this command's overrides and the run's own ``overrides``.
+
+    Any key may differ between runs (devices, width, ghosts, strategy): that is how a comparison
+    puts a phantom model on fewer ranks beside a TP model on more. As with ``compare.strategies``,
+    a ``strategy.KEY`` override common to all runs goes only to the runs whose strategy has KEY.
+    """
+    from hydra import compose
+
+    common = _override_list(compare_cfg.get("overrides"), "compare.overrides")
+    task = [o for o in task_overrides
+            if _key(o) != "strategy" and not _key(o).startswith(("compare", "hydra"))]
+    planned = {}
+    for i, entry in enumerate(compare_cfg.runs):
+        where = f"compare.runs[{i}]"
+        if not OmegaConf.is_dict(entry) or set(entry) - {"name", "overrides"} or "overrides" not in entry:
+            raise ConfigError(f"{where} must be {{name: NAME, overrides: [KEY=VALUE, ...]}}, got "
+                              f"{OmegaConf.to_container(entry) if OmegaConf.is_config(entry) else entry!r}")
+        own = _override_list(entry.overrides, f"{where}.overrides")
+        name = str(entry.get("name") or "_".join(o.split("=", 1)[1] for o in own) or f"run{i}")
+        if name in planned or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"{where}.name={name!r} must be unique and made of letters, digits, '-', '_' "
+                              "or '.' (it names the run's folder)")
+        try:
+            selection = [o for o in common + own if _key(o) == "strategy"][-1:]  # the run's strategy
+            strategy = compose(config_name="config", overrides=selection).strategy
+            shared = [o for o in common + task  # strategy.KEY only where the run's strategy has KEY
+                      if not (_key(o).startswith("strategy.") and not o.startswith("+")
+                              and _key(o).split(".")[1] not in strategy)]
+            overrides = shared + own
+            composed = compose(config_name="config", overrides=overrides)
+        except Exception as e:  # noqa: BLE001 - Hydra's own errors name the bad override
+            raise ConfigError(f"compare, run {name!r} ({where}): {e}") from None
+        try:
+            planned[name] = (overrides, composed, check_config(composed))
+        except ConfigError as e:
+            raise ConfigError(f"compare, run {name!r} ({where}): {e}") from None
     return planned
 
 
@@ -118,7 +183,7 @@ def compare(cfg: DictConfig) -> str:
             print(f"{head} on {plan.world_size} process(es): python -m lightning_phantom "
                   f"{' '.join(overrides)}", flush=True)
             start = time.perf_counter()
-            relay = None if cfg.get("quiet", False) else _progress_relay(s)
+            relay = None if cfg.get("quiet", False) else _progress_relay(plan.strategy)
             rc = run_app_subprocess(overrides, run_dir, run_dir / "run.log", cfg.compare.timeout_s, relay)
             if rc or not (run_dir / RESULT_FILE).exists():
                 sys.stderr.write((run_dir / "run.log").read_text()[-6000:])
@@ -126,7 +191,10 @@ def compare(cfg: DictConfig) -> str:
             (run_dir / "config_key.txt").write_text(key + "\n")
             print(f"{head} done in {time.perf_counter() - start:.1f} s", flush=True)
         result = json.loads((run_dir / RESULT_FILE).read_text())
-        results[run_label(result)], runs[run_label(result)] = result, str(run_dir)
+        if cfg.compare.get("runs"):  # a named run keeps its name in every table and plot
+            result["name"] = s
+        label = result.get("name") or run_label(result)
+        results[label], runs[label] = result, str(run_dir)
     write_outputs(results, out_dir, "compare", runs)
     table = terminal_table(results)
     print(f"{table}\n\n(full table: compare.md; also compare.csv, compare.png, compare.json in {out_dir})",

@@ -218,6 +218,9 @@ class RunRecorder(Callback):
             return
         self._local["val"].append([trainer.global_step, time.perf_counter() - self._t0, self._joules(),
                                    float(trainer.callback_metrics["val_loss"])])
+        if "val_acc" in trainer.callback_metrics:  # classification: accuracy beside the loss
+            self._local.setdefault("val_acc", []).append([trainer.global_step,
+                                                          float(trainer.callback_metrics["val_acc"])])
 
     def on_train_end(self, trainer, pl_module) -> None:
         import torch
@@ -260,6 +263,7 @@ class RunRecorder(Callback):
             "final_train_loss": statistics.fmean(last) if last else math.nan,
             "final_val_loss": val[-1][3] if val else None, "final_val_step": val[-1][0] if val else None,
             "energy": self.energy.summary() if self.energy is not None else None, "predicted": predicted,
-            "per_rank": [{k: v for k, v in r.items() if k not in ("times", "train", "val")} for r in ranks],
-            "train_curve": train, "val_curve": val,
+            "per_rank": [{k: v for k, v in r.items() if k not in ("times", "train", "val", "val_acc")}
+                         for r in ranks],
+            "train_curve": train, "val_curve": val, "val_acc_curve": first.get("val_acc") or None,
         }

@@ -26,7 +26,8 @@ def result_row(result: dict, run: str = "", job: str = "") -> dict:
     sent = [_exact(r.get("sent_bytes")) for r in ranks]
     counted = predicted and None not in sent
     return {
-        "job": job, "strategy": result["strategy"], "ranks": result["world_size"],
+        "job": job, "name": result.get("name", ""), "strategy": result["strategy"],
+        "ranks": result["world_size"],
         "group_size": result["group_size"],
         "ghosts": ",".join(map(str, sorted(set(result["ghosts"])))) if result.get("ghosts") else "",
         "sizes": "x".join(map(str, result["sizes"])), "rows_per_step": ranks[0].get("rows"),
@@ -48,6 +49,9 @@ def result_row(result: dict, run: str = "", job: str = "") -> dict:
         "target_loss": target.get("target", result.get("config", {}).get("target_loss")),
         "target_J": target.get("energy_J"), "target_s": target.get("time_s"),
         "target_step": target.get("step"),
+        "final_val_acc": (result.get("val_acc_curve") or [[None, None]])[-1][1],
+        "target_rank_s": (target["time_s"] * result["world_size"] if target.get("time_s") is not None
+                          else None),
         "run": run,
     }
 
@@ -64,7 +68,7 @@ def _fmt(value: Any, kind: str = "g") -> str:
 
 COLUMNS = (  # header, CSV key, format
     ("strategy", "strategy", "s"), ("ghosts", "ghosts", "s"), ("ranks", "ranks", "s"),
-    ("params/rank", "params_per_rank", "int"),
+    ("model params", "params_model", "int"), ("params/rank", "params_per_rank", "int"),
     ("MACs/step/rank", "macs_per_step", "int"), ("model MACs", "macs_model", "int"),
     ("sent B/step/rank", "sent_bytes_per_step", "int"), ("model B", "sent_bytes_model", "int"),
     ("step ms", "step_ms_median", "g"), ("state MiB/rank", "state_bytes_per_rank", "MiB"),
@@ -72,17 +76,20 @@ COLUMNS = (  # header, CSV key, format
     ("peak CUDA MiB/rank", "cuda_peak_bytes_per_rank", "MiB"),
     ("J/step", "J_per_step_median", "g"), ("total J", "total_J", "g"),
     ("train loss", "final_train_loss", "g"), ("val loss", "final_val_loss", "g"),
+    ("val acc", "final_val_acc", "g"),
     ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),
-    ("step at target", "target_step", "s"),
+    ("rank·s to target", "target_rank_s", "g"), ("step at target", "target_step", "s"),
 )
+OPTIONAL = ("cuda_peak_bytes_per_rank", "final_val_acc")  # columns shown only where some run has them
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a Markdown table, with what each column means below it."""
-    columns = [c for c in COLUMNS if c[1] != "cuda_peak_bytes_per_rank"
-               or any(row[c[1]] is not None for row in rows)]
+    columns = [c for c in COLUMNS if c[1] not in OPTIONAL or any(row[c[1]] is not None for row in rows)]
     if any(row["job"] for row in rows):
         columns.insert(0, ("job", "job", "s"))
+    if any(row.get("name") for row in rows):  # compare.runs: each run by its name
+        columns.insert(0, ("run", "name", "s"))
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row[key], kind) for _, key, kind in columns) + " |" for row in rows]
     meters = sorted({row["meter"] for row in rows})
@@ -111,9 +118,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 TERMINAL = (  # header, CSV key, format: the headline columns, to fit a 100-column terminal
-    ("ranks", "ranks", "s"), ("MACs/step", "macs_per_step", "si"),
+    ("ranks", "ranks", "s"), ("params", "params_model", "si"), ("MACs/step", "macs_per_step", "si"),
     ("sent B/step", "sent_bytes_per_step", "si"), ("step ms", "step_ms_median", "g"),
     ("J/step", "J_per_step_median", "g"), ("val loss", "final_val_loss", "g"),
+    ("val acc", "final_val_acc", "g"),
     ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),
 )
 TERMINAL_WIDTH = 100
@@ -132,12 +140,13 @@ def _si(value: Any) -> str:
 
 def terminal_table(results: dict[str, dict]) -> str:
     """The headline columns as aligned text no wider than ``TERMINAL_WIDTH`` (all columns: the .md)."""
-    header = ["run"] + [c[0] for c in TERMINAL]
+    rows = {label: result_row(result) for label, result in results.items()}
+    columns = [c for c in TERMINAL if c[1] not in OPTIONAL or any(r[c[1]] is not None for r in rows.values())]
+    header = ["run"] + [c[0] for c in columns]
     body = []
-    for label, result in results.items():
-        row = result_row(result)
+    for label, row in rows.items():
         body.append([label] + [_si(row[key]) if kind == "si" else _fmt(row[key], kind)
-                               for _, key, kind in TERMINAL])
+                               for _, key, kind in columns])
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     widths[0] = min(widths[0], TERMINAL_WIDTH - sum(widths[1:]) - 2 * (len(widths) - 1))
 
@@ -196,10 +205,10 @@ def plot(results: dict[str, dict], path: Path, meter: str):
         target = target if target is not None else (result.get("config") or {}).get("target_loss")
         for ax, x in ((by_J, 2), (by_s, 1)):
             line, = ax.plot([r[x] for r in train], [r[3] for r in train], lw=0.7, alpha=0.45,
-                            label=f"{label} train")
+                            label=f"{run_legend(label, result)} train")
             if val:
                 ax.plot([r[x] for r in val], [r[3] for r in val], "o-", color=line.get_color(), ms=4, lw=1.5,
-                        label=f"{label} val")
+                        label=f"{run_legend(label, result)} val")
         shown += [r[3] for r in val] or [r[3] for r in train]
     if not any(r["val_curve"] for r in results.values()):  # no validation: the train curves' tails
         shown = [r[3] for result in results.values() for r in result["train_curve"][len(result["train_curve"]) // 2:]]
@@ -214,6 +223,60 @@ def plot(results: dict[str, dict], path: Path, meter: str):
         ax.grid(alpha=0.3, which="both")
     by_J.legend(fontsize=7)
     fig.suptitle(f"Validation {name} against energy and against time; dashed: the target")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def run_legend(label: str, result: dict) -> str:
+    """A run as the plots name it: its label, ranks and the parameters of the whole model."""
+    params = (result.get("predicted") or {}).get("params")
+    return f"{label} ({result['world_size']} ranks" + (f", {_si(params)} params)" if params else ")")
+
+
+def plot_to_target(results: dict[str, dict], path: Path, meter: str):
+    """Val loss against cumulative joules and against rank-seconds (wall time × ranks), each run
+    labelled with its ranks and model size, the target dashed and where each run first reached it
+    starred; for classification a third panel, val accuracy against joules."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = any(r.get("val_acc_curve") for r in results.values())
+    fig, axes = plt.subplots(1, 3 if accuracy else 2, figsize=(15 if accuracy else 11, 4.6))
+    name, target = "loss", None
+    for i, (label, result) in enumerate(results.items()):
+        val, ranks = result["val_curve"], result["world_size"]
+        name = _loss_name(result)
+        target = target if target is not None else (result.get("config") or {}).get("target_loss")
+        hit = ((result.get("energy") or {}).get("energy_to_target")) or {}
+        for ax, x in ((axes[0], lambda r: r[2]), (axes[1], lambda r: r[1] * ranks)):
+            ax.plot([x(r) for r in val], [r[3] for r in val], "o-", ms=3, color=f"C{i}",
+                    label=run_legend(label, result))
+        if hit.get("energy_J") is not None:
+            axes[0].plot(hit["energy_J"], hit["reached_value"], "*", ms=14, color=f"C{i}", mec="black")
+            axes[1].plot(hit["time_s"] * ranks, hit["reached_value"], "*", ms=14, color=f"C{i}", mec="black")
+        if accuracy and result.get("val_acc_curve"):
+            joules = {r[0]: r[2] for r in val}  # global step -> cumulative J at that validation
+            points = [(joules[step], acc) for step, acc in result["val_acc_curve"] if step in joules]
+            axes[2].plot(*zip(*points), "o-", ms=3, color=f"C{i}", label=run_legend(label, result))
+    estimate = ", an ESTIMATE: CPU time × W/core" if meter == "estimate" else ""
+    for ax, xlabel in zip(axes, (f"cumulative energy, J ({meter}{estimate})",
+                                 "rank-seconds (wall time × ranks; the machine was shared)",
+                                 f"cumulative energy, J ({meter}{estimate})")):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[:2]:
+        if target is not None:
+            ax.axhline(target, color="black", ls="--", lw=1, label=f"target val {name} = {target:g}")
+        ax.set_ylabel(f"val {name}")
+        _zoom(ax, [r[3] for res in results.values() for r in res["val_curve"]] + ([target] if target else []))
+    if accuracy:
+        axes[2].set_ylabel("val accuracy")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Validation {name} against energy and rank-seconds; dashed: the target, ★: first reached")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -276,5 +339,6 @@ def write_outputs(results: dict[str, dict], out_dir: Path, stem: str, runs: dict
     (out_dir / f"{stem}.md").write_text(table + "\n")
     write_csv(rows, out_dir / f"{stem}.csv")
     plot(results, out_dir / f"{stem}.png", rows[0]["meter"])
+    plot_to_target(results, out_dir / f"{stem}_target.png", rows[0]["meter"])
     (out_dir / f"{stem}.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1))
     return table
