@@ -32,6 +32,13 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 
+def local(tensor: Tensor) -> Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP's parameters), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 @dataclass(frozen=True)
 class GroupInfo:
     """Where this shard sits: its rank inside the phantom group and the group's size.

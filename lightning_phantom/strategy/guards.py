@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_phantom._checks import positive_int
+from lightning_phantom.ops.comm import local
 
 _LOSS, _GRADIENT = 1, 2  # bits of a rank's verdict
 
@@ -154,7 +155,7 @@ def _max_abs(grads: list[Tensor]) -> Tensor:
 
     Unlike a sum or a 2-norm, the max of finite values cannot overflow: no false alarms.
     """
-    values = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    values = [g.coalesce().values() if g.is_sparse else local(g) for g in grads]  # FSDP: this rank's part
     try:
         maxima = torch._foreach_norm(values, float("inf"))  # fused, as in clip_grad_norm_
     except (RuntimeError, TypeError):  # an unusual dtype or layout: one reduction per tensor
