@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_phantom.ops.comm import GroupInfo, all_gather_into
 from lightning_phantom.nn.ghosts import resolve_ghosts
@@ -230,6 +231,7 @@ def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
     state = ffn.state_dict()
     gathered = {}
     for name, t in state.items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t  # sharded over the replicas by FSDP
         out = t.new_empty(info.size * t.numel())
         all_gather_into(out, t.detach().reshape(-1), info.group)
         gathered[name] = out.view(info.size, *t.shape)

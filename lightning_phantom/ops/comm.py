@@ -48,6 +48,13 @@ from torch.distributed import ProcessGroup
 from torch.distributed import _functional_collectives as funcol
 
 
+def local(tensor: Tensor) -> Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP's parameters), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 @dataclass(frozen=True)
 class GroupInfo:
     """Where this shard sits: its rank inside the phantom group and the group's size.

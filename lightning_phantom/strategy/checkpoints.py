@@ -201,12 +201,13 @@ def load(strategy: CheckpointingStrategy, path: Path, weights_only: Optional[boo
     plans = []
     for i, optimizer in enumerate(strategy.optimizers[:len(info["optimizer_extra"])]):
         names = optimizer_param_names(module, optimizer, keys)
-        wanted = {key for _, key in names.values()}
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        wanted = {key: params[i] for i, (_, key) in names.items()}
         slots: dict[str, dict[str, Tensor]] = defaultdict(dict)
         for key, md in stored.items():
             kind, *rest = key.split("::")
             if kind == f"optimizer_{i}" and rest[0] in wanted:
-                slots[rest[0]][rest[1]] = targets[key] = torch.empty(md.size, dtype=md.properties.dtype)
+                slots[rest[0]][rest[1]] = targets[key] = _slot(wanted[rest[0]], md)
         plans.append((optimizer, names, slots, info["optimizer_extra"][i]))
     dcp.load(targets, storage_reader=SafeFileSystemReader(path))
     if info["model_extra"]:
@@ -216,6 +217,14 @@ def load(strategy: CheckpointingStrategy, path: Path, weights_only: Optional[boo
     for optimizer, names, slots, extra in plans:
         _load_optimizer(optimizer, names, slots, extra, path)
     return metadata
+
+
+def _slot(param: Tensor, md) -> Tensor:
+    """Where DCP loads one optimizer-state tensor: laid out as its parameter when it has the
+    parameter's shape (a DTensor under FSDP: DCP reads just this rank's part, whichever mode wrote it)."""
+    if tuple(md.size) == tuple(param.shape):
+        return torch.empty_like(param.detach(), dtype=md.properties.dtype)
+    return torch.empty(md.size, dtype=md.properties.dtype)
 
 
 def _load_optimizer(optimizer: Optimizer, names: dict[int, tuple[str, str]], slots: Mapping[str, dict],

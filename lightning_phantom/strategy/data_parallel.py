@@ -1,21 +1,42 @@
 """The data axis: replicas of a phantom group start equal and step with the same gradients.
 
-Each phantom group holds one copy of the model and sees its own batch. As DDP does, the
-replicas start from the same weights (``sync_replicas``, once at set-up) and average their
-gradients over the data-parallel group before every optimizer step
-(``average_gradients``), so they stay equal without ever exchanging weights.
+Each phantom group holds one copy of the model and sees its own batch. The replicas start
+from the same weights (``sync_replicas``, once at set-up). Then, by ``PhantomStrategy(data_parallel=...)``:
+
+* ``"ddp"``: every replica keeps whole copies of its shards and averages their gradients over
+  the data-parallel group before every optimizer step (``average_gradients``), as DDP does.
+* ``"fsdp"``: every ``PhantomFFN`` is sharded once more, over the data-parallel group, with
+  PyTorch's FSDP2 (``shard_over_data``): each rank stores 1/data of its phantom shard's
+  parameters, gradients and optimizer state. FSDP all-gathers a unit's parameters before its
+  forward and backward (the phantom operator sees plain full tensors inside it) and
+  reduce-scatters (averages) the gradients after backward. Parameters outside the FFNs stay
+  whole and are averaged by ``average_gradients``, which leaves FSDP's DTensors alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from lightning_phantom.nn.layers import sharded_buffers, sharded_parameters
+from lightning_phantom.nn.layers import PhantomFFN, sharded_buffers, sharded_parameters
 from lightning_phantom.ops.comm import broadcast_tensors, coalesced
 from lightning_phantom.strategy.layout import PhantomLayout
+
+
+DATA_PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def check_data_parallel(mode: str) -> str:
+    if mode not in DATA_PARALLEL_MODES:
+        raise ValueError(f"data_parallel must be one of {DATA_PARALLEL_MODES}, got {mode!r}: 'ddp' keeps a whole "
+                         "copy of each phantom shard per replica, 'fsdp' shards it over the replicas.")
+    return mode
 
 
 def sync_replicas(module: nn.Module, layout: PhantomLayout, data_group: dist.ProcessGroup) -> None:
@@ -32,7 +53,8 @@ def average_gradients(optimizer: Optimizer, layout: PhantomLayout, data_group: d
     """Every gradient of ``optimizer`` becomes its mean over the data-parallel replicas (bucketed)."""
     if layout.data == 1:
         return
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    # FSDP's parameters (DTensors) have had their gradients reduce-scattered already.
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and not isinstance(p, DTensor)]
     # A parameter with a gradient on some replicas only counts as 0 on the others.
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
     dist.all_reduce(present, group=data_group)
@@ -49,3 +71,29 @@ def average_gradients(optimizer: Optimizer, layout: PhantomLayout, data_group: d
             flat.div_(layout.data)
 
         coalesced(grads, average)
+
+
+def shard_over_data(module: nn.Module, data_mesh) -> list[nn.Module]:
+    """FSDP2 on the data axis for every ``PhantomFFN`` of ``module``; returns the FSDP units.
+
+    Each FFN is its own unit (and root), so its parameters are gathered only while it runs
+    and the rest of the model keeps its plain tensors, whatever ``training_step`` calls.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    units = [m for m in module.modules() if isinstance(m, PhantomFFN)]
+    for ffn in units:
+        fully_shard(ffn, mesh=data_mesh)
+    return units
+
+
+@contextmanager
+def gradient_sync(units: list[nn.Module], enabled: bool) -> Iterator[None]:
+    """Whether FSDP units reduce-scatter after the backwards inside (not while accumulating)."""
+    for unit in units:
+        unit.set_requires_gradient_sync(enabled)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_requires_gradient_sync(True)

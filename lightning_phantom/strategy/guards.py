@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_phantom._checks import positive_int
+from lightning_phantom.ops.comm import local
 
 _LOSS, _GRADIENT = 1, 2  # bits of a rank's verdict
 
@@ -125,6 +126,10 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
         losses, sums = self._losses, self._sums
         self._reset()
+        if self._names:
+            # A gradient that autograd did not accumulate (FSDP assigns the reduce-scattered shard
+            # after backward, so no hook fires for it) is summed here, in a pass of its own.
+            sums.update({p: _sum(p.grad) for p in self._names if p.grad is not None and p not in sums})
         bad_loss = bool(losses) and not bool(torch.isfinite(torch.stack([x.float() for x in losses])).all())
         bad_grads = self._confirmed(sums)
         verdict = _LOSS * bad_loss + _GRADIENT * bool(bad_grads)
@@ -200,14 +205,14 @@ def _scaler_active(trainer: "pl.Trainer") -> bool:
 
 def _sum(grad: Tensor) -> Tensor:
     """Sum of a gradient, as float32: NaN or ±Inf if any element is (or if finite ones overflow)."""
-    values = grad.coalesce().values() if grad.is_sparse else grad
+    values = grad.coalesce().values() if grad.is_sparse else local(grad)  # FSDP: this rank's part
     return values.sum(dtype=torch.float32) if values.element_size() < 4 else values.sum().float()
 
 
 def _max_abs(grads: list[Tensor]) -> Tensor:
     """max |g| of each gradient, as one float32 vector: inf or NaN exactly where g has one (the
     failure path: exact, and unlike a sum the max of finite values cannot overflow)."""
-    values = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    values = [g.coalesce().values() if g.is_sparse else local(g) for g in grads]
     maxima = [v.abs().max() if v.numel() else v.new_zeros(()) for v in values]
     return torch.stack([m.float().reshape(()) for m in maxima])
 

@@ -2,15 +2,14 @@
 
 The ranks form a 2-D mesh ("data_parallel", "phantom_parallel") (``layout``). Each phantom
 group holds one copy of the model, every FFN split over its ranks, and sees one batch; the
-groups are data-parallel replicas of each other. This module holds the Lightning hooks, in
-the shape of Lightning's own ``ModelParallelStrategy``; each job they start lives in a module
-of its own:
+groups are data-parallel replicas. This module holds the Lightning hooks, in the shape of
+Lightning's ``ModelParallelStrategy``; each job they start lives in a module of its own:
 
-* ``lightning_phantom.nn.plan``: what to shard — the ``ghosts``/``init``/``overlap`` request,
-  checked in the constructor, becomes one frozen ``FFNPlan`` per FFN after
-  ``LightningModule.configure_model``; every eligible FFN is then replaced in place by this
-  rank's ``PhantomFFN``. A dense FFN on the meta device is built straight into shards.
-* ``data_parallel``: replicas start equal and average their gradients before each step.
+* ``lightning_phantom.nn.plan``: what to shard — the ``ghosts``/``init``/``overlap`` request
+  becomes one frozen ``FFNPlan`` per FFN after ``configure_model``; every eligible FFN is then
+  replaced in place by this rank's ``PhantomFFN`` (built straight into shards from meta).
+* ``data_parallel``: replicas start equal; their gradients are averaged before each step
+  (``"ddp"``), or FSDP2 shards every FFN over them too (``"fsdp"``).
 * ``precision``: the strategy's own precision plugins, clipping by the norm of the whole model.
 * ``checkpoints`` (the format) and ``storage`` (atomic publish): sharded DCP checkpoints.
 * ``guards``: ``NonFiniteGuard`` (on unless ``detect_non_finite=False``) and dead-peer messages.
@@ -19,7 +18,7 @@ of its own:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -59,7 +58,8 @@ from lightning_phantom.nn.layers import PhantomFFN, set_group, sharded_parameter
 from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan, plan_module
 from lightning_phantom.ops.comm import broadcast_tensors
 from lightning_phantom.strategy import checkpoints
-from lightning_phantom.strategy.data_parallel import average_gradients, sync_replicas
+from lightning_phantom.strategy.data_parallel import (average_gradients, check_data_parallel, gradient_sync,
+                                                     shard_over_data, sync_replicas)
 from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
 from lightning_phantom.strategy.metrics import sync_metrics_over
@@ -89,10 +89,12 @@ class PhantomStrategy(ParallelStrategy):
         init: how a dense FFN becomes shards: ``"svd"`` (the closest phantom model, default) or
             ``"random"`` (the architecture only). FFNs on the meta device always get ``"random"``.
         overlap: overlap the ghost all-gather with the local block's matmul.
-        timeout: process-group timeout (a ``timedelta`` or seconds): of the default group when the
-            strategy creates it, and always of the data-parallel and phantom groups, so a dead
-            peer ends the job instead of hanging it. A peer that hangs (rather than dies) is noticed
-            after up to twice this: Lightning's per-step SIGTERM broadcast swallows the first timeout.
+        data_parallel: ``"ddp"`` (default): each replica holds whole shards and gradients are
+            averaged over the replicas. ``"fsdp"``: FSDP2 shards each FFN's parameters, gradients
+            and optimizer state over the replicas too (1/data of the memory; two collectives more).
+        timeout: process-group timeout (``timedelta`` or seconds) of the default group when the strategy
+            creates it, and of the data and phantom groups: a dead peer ends the job (a hung one after
+            up to twice this: Lightning's per-step SIGTERM broadcast swallows the first timeout).
         detect_non_finite: add a ``NonFiniteGuard`` when fitting (unless one is in the callbacks):
             every rank stops with a ``NonFiniteError`` naming the step, ranks and tensors as soon as a
             loss or gradient is NaN/Inf, before the optimizer step and any later checkpoint.
@@ -114,6 +116,7 @@ class PhantomStrategy(ParallelStrategy):
         data_parallel_size: Size = "auto",
         init: str = "svd",
         overlap: bool = True,
+        data_parallel: str = "ddp",
         timeout: Optional[Union[timedelta, float]] = default_pg_timeout,
         detect_non_finite: bool = True,
         process_group_backend: Optional[str] = None,
@@ -129,6 +132,7 @@ class PhantomStrategy(ParallelStrategy):
         #: The sharding request, checked here so that a bad one fails before any process starts.
         self.plan = PhantomPlan(ghosts, init, overlap, modules=plan)
         self._timeout = check_timeout(timeout)
+        self.data_parallel, self._fsdp_units = check_data_parallel(data_parallel), []  # FSDP units, "fsdp"
         self._detect_non_finite = bool(detect_non_finite)
         self._compile = compile_options(compile)
         if process_group_backend is not None and not isinstance(process_group_backend, str):
@@ -222,7 +226,8 @@ class PhantomStrategy(ParallelStrategy):
 
     def _global_grad_norm(self, grads: list[Tensor]) -> Tensor:
         sharded = {id(p.grad) for p in sharded_parameters(self.lightning_module) if p.grad is not None}
-        return global_grad_norm(grads, sharded, self.phantom_group, self.layout.phantom)
+        return global_grad_norm(grads, sharded, self.phantom_group, self.layout.phantom,
+                                self.data_parallel_group if self._fsdp_units else None)
 
     # ---------------------------------------------------------------- launch
     @override
@@ -274,6 +279,8 @@ class PhantomStrategy(ParallelStrategy):
         self.model_to_device()
         sync_replicas(self.lightning_module, self.layout, self.data_parallel_group)
         sync_metrics_over(self.lightning_module, self.data_parallel_group)
+        if self.data_parallel == "fsdp" and not self._fsdp_units:
+            self._fsdp_units = shard_over_data(self.lightning_module, self.device_mesh["data_parallel"])
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -348,6 +355,13 @@ class PhantomStrategy(ParallelStrategy):
             return result
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator:
+        """While accumulating, FSDP keeps unsharded gradients and communicates on the last micro-batch."""
+        with gradient_sync(self._fsdp_units, False):
+            yield None
 
     # ----------------------------------------------------------- collectives
     @override
@@ -434,9 +448,7 @@ class PhantomStrategy(ParallelStrategy):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         pass  # load_checkpoint() has loaded it
 
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        pass  # load_checkpoint() has loaded it
+    load_optimizer_state_dict = load_model_state_dict  # type: ignore[assignment]  # loaded there too
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH,

@@ -7,8 +7,9 @@ replaces the plugin Lightning hands it by the matching class below (same setting
 
     ||g||² = Σ over the phantom group of each rank's sharded squares + the replicated squares once.
 
-Gradients are already the data-parallel mean when it runs (equal on every replica), so no
-sum over the data axis.
+Gradients are already the data-parallel mean when it runs (equal on every replica); with
+``data_parallel="fsdp"`` each replica holds only its part of them (a DTensor), and the
+squares of those parts are summed over the data-parallel group as well.
 
 Under ``16-mixed`` the plugin's ``GradScaler`` becomes a ``SyncedGradScaler``, whose inf/NaN
 check is all-reduced over the world: every rank skips the same steps and keeps the same
@@ -30,17 +31,31 @@ from typing_extensions import override
 from lightning.pytorch.plugins.precision import DoublePrecision, MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
+from lightning_phantom.ops.comm import local
+
 GlobalNorm = Callable[[list[Tensor]], Tensor]  # gradients → the norm of the whole phantom model
 
 
 def global_grad_norm(grads: list[Tensor], sharded: set[int], phantom_group: Optional[dist.ProcessGroup],
-                     phantom: int) -> Tensor:
-    """The 2-norm of the whole model's gradient; ``sharded`` holds the ids of the sharded gradients."""
+                     phantom: int, data_group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """The 2-norm of the whole model's gradient; ``sharded`` holds the ids of the sharded gradients.
+
+    ``data_group``: given when some gradients are DTensors sharded over it (FSDP); every rank
+    must then pass it, as the parts' squares are all-reduced over it.
+    """
     dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     device = grads[0].device if grads else torch.device("cpu")
-    squares = torch.zeros(2, dtype=dtype, device=device)  # [sharded, replicated]
+    # [phantom-sharded, replicated] of whole gradients, then of parts of gradients (FSDP's).
+    squares = torch.zeros(4, dtype=dtype, device=device)
     for g in grads:
-        squares[0 if id(g) in sharded else 1] += torch.linalg.vector_norm(g, 2, dtype=dtype).square()
+        part = local(g)
+        slot = (0 if id(g) in sharded else 1) + (2 if part is not g else 0)
+        squares[slot] += torch.linalg.vector_norm(part, 2, dtype=dtype).square()
+    if data_group is not None:
+        parts = squares[2:].clone()
+        dist.all_reduce(parts, group=data_group)
+        squares[2:] = parts
+    squares = squares[:2] + squares[2:]
     sharded_squares = squares[:1].clone()
     if phantom > 1:
         dist.all_reduce(sharded_squares, group=phantom_group)
@@ -61,7 +76,7 @@ class PhantomPrecision(Precision):
         coef = torch.clamp(clip_val / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
         with torch.no_grad():
             for g in grads:
-                g.mul_(coef.to(g.device, g.dtype))
+                local(g).mul_(coef.to(g.device, g.dtype))
         return total
 
 

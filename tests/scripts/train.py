@@ -179,8 +179,10 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
         batch_size: int = 8, optimizer: str = "adam", lr: float = 0.02, ckpt_dir: Optional[str] = None,
         every: int = 3, resume: Optional[str] = None, timeout: float = 60.0, kill_at: Optional[int] = None,
         crash_in_save: Optional[int] = None, slow: float = 0.0, ghosts: Any = "auto",
-        probe: bool = False, accelerator: str = "cpu", precision: str = "32-true") -> dict[str, Any]:
-    """Train; return this rank's final weights, losses and (``probe``) outputs on fixed inputs by step."""
+        probe: bool = False, accelerator: str = "cpu", precision: str = "32-true", data_parallel: str = "ddp",
+        clip: Optional[float] = None, accumulate: int = 1) -> dict[str, Any]:
+    """Train; return this rank's final weights (whole), losses, (``probe``) outputs on fixed inputs by
+    step, and ``storage``: bytes of parameters and optimizer state this rank holds."""
     L.seed_everything(0, verbose=False)
     trainer_box: list = []
     if crash_in_save is not None:
@@ -191,9 +193,10 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every,
                                          save_top_k=-1, save_last=True))
     strategy = lp.PhantomStrategy(phantom_parallel_size=phantom, timeout=timedelta(seconds=timeout),
-                                  ghosts=ghosts)
-    trainer = L.Trainer(accelerator=accelerator, precision=precision, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                        max_steps=steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                                  ghosts=ghosts, data_parallel=data_parallel)
+    trainer = L.Trainer(accelerator=accelerator, precision=precision, devices=devices, num_nodes=num_nodes,
+                        strategy=strategy, max_steps=steps, callbacks=callbacks, gradient_clip_val=clip,
+                        accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=bool(ckpt_dir))
     trainer_box.append(trainer)
     model = Regression(optimizer, lr)
@@ -201,8 +204,24 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
     loader.trainer = trainer
     trainer.fit(model, loader, ckpt_path=resume)
     return {"rank": trainer.global_rank, "losses": steps_cb.losses, "step": trainer.global_step,
-            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "outputs": {step: out.cpu() for step, out in steps_cb.outputs.items()}}
+            "state": {k: _whole(v).detach().cpu().clone() for k, v in model.state_dict().items()},
+            "outputs": {step: out.cpu() for step, out in steps_cb.outputs.items()},
+            "storage": _storage(model, trainer.optimizers)}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t  # a collective over the replicas
+
+
+def _storage(model: nn.Module, optimizers) -> int:
+    """Bytes of parameters and optimizer state held by this rank (its part of each DTensor)."""
+    from lightning_phantom.ops.comm import local
+
+    tensors = list(model.parameters())
+    tensors += [v for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
