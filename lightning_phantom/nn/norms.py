@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_phantom.ops.comm import GroupInfo, reduce_statistics

@@ -12,7 +12,7 @@ function                    forward              backward
 ``reduce_statistics``       all-reduce           all-reduce
 ==========================  ===================  ===================
 
-The third pair, the ghost exchange (all-gather forward, reduce-scatter backward), is
+The fourth pair, the ghost exchange (all-gather forward, reduce-scatter backward), is
 fused into the layer operator (``ops/operator.py``) so that it overlaps the local
 matmuls. A group of size 1 bypasses the collective. Nothing here names a device: the
 tensors' device decides, so the same code runs on gloo (CPU) and NCCL (CUDA).
@@ -171,6 +171,32 @@ def reduce_from_phantom(x: Tensor, group: Optional[ProcessGroup] = None) -> Tens
     return x if _single(group) else _ReduceFromPhantom.apply(x, group)
 
 
+class _ReduceStatistics(torch.autograd.Function):
+    """All-reduce forward; all-reduce of the gradient backward (for sharded normalisation).
+
+    Rank r holds partial row statistics s_r (sums over its own features) and every rank
+    uses the total s = Σ_r s_r to normalise its own shard. Downstream of the norm the
+    activations stay sharded, so the gradient that reaches s on rank r, g_r, is only the
+    part from rank r's features: ∂L/∂s = Σ_r g_r, and ∂L/∂s_r = ∂L/∂s because s is a plain
+    sum. Both directions are therefore an all-reduce (``reduce_from_phantom`` followed by
+    ``copy_to_phantom``, fused): 1 or 2 values per row, independent of the width.
+    """
+
+    @staticmethod
+    def forward(ctx, stats: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        ctx.group = group
+        return wait(start_all_reduce(stats, group), stats.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return wait(start_all_reduce(grad, ctx.group), grad.dtype), None
+
+
+def reduce_statistics(stats: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
+    """Sum per-rank partial row statistics of a sharded activation: all-reduce forward and backward."""
+    return stats if _single(group) else _ReduceStatistics.apply(stats, group)
+
+
 # ------------------------------------------------------- whole-model collectives
 BUCKET_NUMEL = 1 << 25  # elements per flat buffer when coalescing collectives (128 MiB in fp32)
 
@@ -209,29 +235,3 @@ def broadcast_tensors(tensors: list[Tensor], group: Optional[ProcessGroup], src:
         return
     with torch.no_grad():
         coalesced([t for t in tensors if not t.is_meta], lambda flat: dist.broadcast(flat, src=src, group=group))
-
-
-class _ReduceStatistics(torch.autograd.Function):
-    """All-reduce forward; all-reduce of the gradient backward (for sharded normalisation).
-
-    Rank r holds partial row statistics s_r (sums over its own features) and every rank
-    uses the total s = Σ_r s_r to normalise its own shard. Downstream of the norm the
-    activations stay sharded, so the gradient that reaches s on rank r, g_r, is only the
-    part from rank r's features: ∂L/∂s = Σ_r g_r, and ∂L/∂s_r = ∂L/∂s because s is a plain
-    sum. Both directions are therefore an all-reduce (``reduce_from_phantom`` followed by
-    ``copy_to_phantom``, fused): 1 or 2 values per row, independent of the width.
-    """
-
-    @staticmethod
-    def forward(ctx, stats: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        ctx.group = group
-        return all_reduce_sum(stats.contiguous().clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return all_reduce_sum(grad.contiguous().clone(), ctx.group), None
-
-
-def reduce_statistics(stats: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
-    """Sum per-rank partial row statistics of a sharded activation: all-reduce forward and backward."""
-    return stats if _single(group) else _ReduceStatistics.apply(stats, group)

@@ -38,7 +38,6 @@ from lightning.fabric.utilities.distributed import (
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.distributed import group as _group
-from lightning.fabric.utilities.init import _materialize_meta_tensors
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH, ReduceOp
@@ -49,17 +48,15 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
-from lightning_phantom.cost.model import summary
 from lightning_phantom.nn.compiling import CompileRequest, compile_ffns, compile_options
-from lightning_phantom.nn.convert import to_phantom
-from lightning_phantom.nn.layers import PhantomFFN, set_group, sharded_parameters
-from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan, plan_module
-from lightning_phantom.ops.comm import broadcast_tensors
+from lightning_phantom.nn.layers import sharded_parameters
+from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan
 from lightning_phantom.strategy import checkpoints
 from lightning_phantom.strategy.data_parallel import (average_gradients, check_data_parallel, gradient_sync,
                                                      shard_over_data, sync_replicas)
+from lightning_phantom.strategy.sharding import shard_module
 from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
 from lightning_phantom.strategy.metrics import sync_metrics_over
@@ -305,42 +302,7 @@ class PhantomStrategy(ParallelStrategy):
             yield
 
     def _shard(self, module: nn.Module) -> None:
-        """Replace every eligible FFN by this rank's PhantomFFN; all checks first, so all ranks fail alike."""
-        p = self.layout.phantom
-        found = plan_module(module, self.plan, p)
-        for name, ffn in found.built:
-            if ffn.shard.size != p:
-                raise ValueError(
-                    f"{name} is a PhantomFFN split over {ffn.shard.size} ranks, but this run's phantom "
-                    f"groups have {p} ({self.layout}). Build it with "
-                    "group=self.trainer.strategy.phantom_group in configure_model(), or re-shard it with "
-                    "lightning_phantom.merge_shards."
-                )
-        for name, ffn in found.built:  # the user's own, or converted by an earlier fit/validate/...
-            set_group(ffn, self.phantom_group)
-            if name not in self.converted_modules:
-                self.converted_modules[name] = (f"user-built PhantomFFN {ffn.sizes}; "
-                                                + summary(ffn.sizes, p, ffn.ghosts))
-        done: dict[int, PhantomFFN] = {}  # one Sequential reached by two names stays one module
-        for plan, seq in found.convert:
-            if id(seq) in done:
-                ffn, how = done[id(seq)], "shared"
-            elif any(t.is_meta for t in seq.parameters()):
-                how = "random, from meta"
-                ffn = to_phantom(seq, plan.ghosts, self.phantom_group, "random", plan.overlap)
-            else:
-                seq.to(self.root_device)
-                # The SVD shards of one model must come from one set of dense weights: rank 0's.
-                broadcast_tensors(list(seq.parameters()), None, 0)
-                how = plan.init
-                ffn = to_phantom(seq, plan.ghosts, self.phantom_group, plan.init, plan.overlap)
-            done[id(seq)] = ffn
-            parent, _, attr = plan.name.rpartition(".")
-            setattr(module.get_submodule(parent), attr, ffn)
-            self.converted_modules[plan.name] = (f"{list(plan.sizes)} -> PhantomFFN ({how}); "
-                                                 + summary(plan.sizes, p, plan.ghosts))
-            rank_zero_info(f"PhantomStrategy {self.layout}: {plan.name}: {self.converted_modules[plan.name]}")
-        _materialize_meta_tensors(module, self.root_device)
+        shard_module(module, self.plan, self.layout, self.phantom_group, self.root_device, self.converted_modules)
 
     # -------------------------------------------------------------- training
     @override
