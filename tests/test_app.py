@@ -117,8 +117,8 @@ def test_compare_passes_strategy_options_only_where_they_exist(compose):
 def test_plot_shows_the_target_and_ticks_where_the_curves_differ(tmp_path):
     from lightning_phantom.app.report import plot
 
-    def run(scale: float) -> dict:  # train loss from 1.0 down; validations between 0.12 and 0.2
-        train = [[s, 0.1 * s, scale * s, 1.0 / (1 + 0.1 * s)] for s in range(1, 201)]
+    def run(scale: float) -> dict:  # train loss from 0.9 to 0.11; validations between 0.12 and 0.22
+        train = [[s, 0.1 * s, scale * s, 0.11 + 1.0 / (1 + 0.1 * s) ** 2] for s in range(1, 201)]
         val = [[s, 0.1 * s, scale * s, v] for s, v in ((50, 0.2 * scale), (100, 0.16 * scale), (200, 0.12 * scale))]
         return {"train_curve": train, "val_curve": val,
                 "config": {"target_loss": 0.15, "model": {"task": "regression"}}}
