@@ -58,7 +58,9 @@ from lightning_phantom.nn.layers import PhantomFFN, set_group, sharded_parameter
 from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan, plan_module
 from lightning_phantom.ops.comm import broadcast_tensors
 from lightning_phantom.strategy import checkpoints
-from lightning_phantom.strategy.data_parallel import average_gradients, sync_replicas
+from lightning_phantom.strategy.data_parallel import (
+    average_gradients, average_replicated_gradients, sync_replicas,
+)
 from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
 from lightning_phantom.strategy.precision import global_grad_norm, phantom_precision
@@ -332,6 +334,7 @@ class PhantomStrategy(ParallelStrategy):
             # unscaling, clipping and the step all see the data-parallel mean.
             result = closure()
             average_gradients(raw, self.layout, self.data_parallel_group, self.root_device)
+            average_replicated_gradients(raw, self.lightning_module, self.layout, self.phantom_group)
             return result
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
