@@ -173,3 +173,69 @@ def test_16_mixed_clipping_works_with_a_fused_optimizer():
         for key, value in a["state"].items():
             torch.testing.assert_close(value, b["state"][key], rtol=1e-5, atol=1e-6)
         assert any(not torch.allclose(value, c["state"][key]) for key, value in a["state"].items())
+
+
+# ------------------------------------------------------------------ replicated parameters
+class Jitter(Callback):
+    """Rank 1's gradient of ``net.4.bias`` (held whole by every phantom rank) is off in the last bits,
+    as a nondeterministic GPU kernel would leave it."""
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            pl_module.net[4].bias.register_hook(lambda grad: grad * (1 + 1e-6) + 1e-7)
+
+
+def train_with_jitter(steps: int = 5):
+    from scripts.train import Batches, Regression
+
+    L.seed_everything(0, verbose=False)
+    model = Regression("adam", lr=0.02)
+    loader = Batches(rows=64, batch_size=8, phantom=2)
+    trainer = make_trainer(devices=2, max_steps=steps, callbacks=[Jitter()], strategy=lp.PhantomStrategy())
+    loader.trainer = trainer
+    trainer.fit(model, loader)
+    return {"replicated": replicated_names(model),
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def test_replicated_parameters_stay_bit_identical_when_one_copy_s_gradient_differs():
+    ranks = run_ranks(2, train_with_jitter)
+    assert ranks[0]["replicated"] == ranks[1]["replicated"] and "net.4.bias" in ranks[0]["replicated"]
+    for name in ranks[0]["replicated"]:
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+
+
+# ------------------------------------------------------------------ checkpoints need one filesystem
+def save_on_node_local_disks(shared: str, local: str):
+    """Rank 1 sees another disk at the checkpoint's path, as a node without the shared filesystem would."""
+    from lightning_phantom.strategy import checkpoints
+    from lightning_phantom.strategy.storage import staging_path
+    from scripts.train import Batches, Regression
+
+    L.seed_everything(0, verbose=False)
+    model = Regression("sgd", lr=0.1)
+    loader = Batches(rows=64, batch_size=8, phantom=2)
+    trainer = make_trainer(devices=2, max_steps=1, strategy=lp.PhantomStrategy())
+    loader.trainer = trainer
+    trainer.fit(model, loader)
+    if trainer.global_rank == 1:
+        checkpoints.staging_path = lambda path: staging_path(Path(local) / Path(path).name)
+    try:
+        trainer.save_checkpoint(Path(shared) / "step=1.ckpt")
+    except checkpoints.UnsharedFolderError as error:
+        return str(error)
+    finally:
+        checkpoints.staging_path = staging_path  # the rank pool outlives the test
+    return None
+
+
+def test_a_checkpoint_folder_some_ranks_cannot_see_is_an_error_on_every_rank(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "local").mkdir()
+    errors = run_ranks(2, save_on_node_local_disks, str(tmp_path / "shared"), str(tmp_path / "local"))
+    assert errors[0] == errors[1] and errors[0] is not None
+    assert re.search(r"The checkpoint folder '.*/shared' is not the same folder on every rank: rank 1 on \S+ "
+                     r"\(writing to '.*/local/\.step=1\.ckpt\.partial'\) of 2 cannot see the file rank 0 \(\S+\) "
+                     r"just wrote into '.*/shared/\.step=1\.ckpt\.partial'", errors[0])
+    assert "must be on a filesystem shared by all nodes" in errors[0] and "nothing was saved" in errors[0]
+    assert not (tmp_path / "shared" / "step=1.ckpt").exists()

@@ -13,6 +13,8 @@ through ``storage`` (staging directory, atomic publish).
 from __future__ import annotations
 
 import re
+import socket
+import uuid
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +31,7 @@ from lightning_phantom.strategy.storage import (
     SafeFileSystemReader, discard, previous_path, publish, save_durably, staging_path,
 )
 
+_SHARED_MARKER = ".written-by-rank-0"
 META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
 FORMAT_VERSION = 1
 _SHARD_TAG = re.compile(r"^(?P<name>.+)\|phantom(?P<rank>\d+)/(?P<size>\d+)$")
@@ -119,6 +122,7 @@ def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path
         discard(staging)  # what an interrupted save left
     strategy.barrier()
     staging.mkdir(parents=True, exist_ok=True)
+    confirm_shared_folder(staging, strategy.is_global_zero)
     tensors, model_extra, optimizer_extra = _split_tensors(checkpoint.pop("state_dict"),
                                                            checkpoint.pop("optimizer_states", []))
     if layout.phantom > 1:
@@ -139,6 +143,44 @@ def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path
     if strategy.is_global_zero:
         publish(staging, path)
     strategy.barrier()
+
+
+class UnsharedFolderError(RuntimeError):
+    """Some ranks do not see the checkpoint folder rank 0 writes into (no shared filesystem)."""
+
+
+def confirm_shared_folder(folder: Path, is_global_zero: bool) -> None:
+    """Every rank must see the folder rank 0 writes into, or the save stops on every rank; collective.
+
+    Every rank writes its own shards into ``folder``: on node-local disks the other nodes'
+    shards would land in folders of the same name that rank 0 never publishes, and the
+    checkpoint could not be loaded. Rank 0 writes a marker with a fresh token and every rank
+    reads it back: a cheap test of the one requirement, before anything is written.
+    """
+    marker = folder / _SHARED_MARKER
+    token = [uuid.uuid4().hex if is_global_zero else None]
+    if is_global_zero:
+        marker.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)  # after rank 0's write: the token says it is there
+    try:
+        seen = marker.read_text() == token[0]
+    except OSError:
+        seen = False
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (seen, socket.gethostname(), str(folder)))
+    if is_global_zero:
+        marker.unlink()  # every rank has read it
+    _, host0, folder0 = every[0]
+    blind = [f"rank {r} on {host}" + (f" (writing to {where!r})" if where != folder0 else "")
+             for r, (ok, host, where) in enumerate(every) if not ok]
+    if blind:
+        raise UnsharedFolderError(
+            f"The checkpoint folder {str(Path(folder0).parent)!r} is not the same folder on every rank: "
+            f"{', '.join(blind)} of {len(every)} cannot see the file rank 0 ({host0}) just wrote into "
+            f"{folder0!r}. Every rank writes its own shards into the checkpoint folder, so it must be on a "
+            "filesystem shared by all nodes (NFS, Lustre, a mounted bucket) at the same path. Point "
+            "ModelCheckpoint(dirpath=...) or Trainer(default_root_dir=...) at one; nothing was saved."
+        )
 
 
 # ---------------------------------------------------------------- loading

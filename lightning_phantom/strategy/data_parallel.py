@@ -11,6 +11,9 @@ from the same weights (``sync_replicas``, once at set-up). Then, by ``PhantomStr
   forward and backward (the phantom operator sees plain full tensors inside it) and
   reduce-scatters (averages) the gradients after backward. Parameters outside the FFNs stay
   whole and are averaged by ``average_gradients``, which leaves FSDP's DTensors alone.
+
+Within a phantom group, the copies of replicated parameters get the group's mean gradient
+(``average_replicated_gradients``) for the same reason.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightning_phantom.nn.layers import PhantomFFN, sharded_buffers, sharded_parameters
-from lightning_phantom.ops.comm import broadcast_tensors, coalesced
+from lightning_phantom.ops.comm import broadcast_tensors, coalesced, local
 from lightning_phantom.strategy.layout import PhantomLayout
 
 
@@ -97,3 +100,31 @@ def gradient_sync(units: list[nn.Module], enabled: bool) -> Iterator[None]:
     finally:
         for unit in units:
             unit.set_requires_gradient_sync(True)
+
+
+def average_replicated_gradients(optimizer: Optimizer, module: nn.Module, layout: PhantomLayout,
+                                 phantom_group: dist.ProcessGroup) -> None:
+    """Gradients of the parameters every phantom rank holds a copy of become their mean over the group.
+
+    Those copies (biases after a phantom layer, anything outside the FFNs) compute the same
+    gradient on every rank in exact arithmetic, but nondeterministic GPU kernels can differ
+    in the last bits, and copies that step with different gradients drift apart for good (the
+    checkpoint keeps one of them). Megatron all-reduces the gradients of parameters replicated
+    over tensor-parallel ranks for the same reason. They are small, so this is one bucketed
+    all-reduce per step. The copies are assumed to have gradients on the same ranks: they run
+    the same code on the same batch.
+    """
+    if layout.phantom == 1:
+        return
+    sharded = {id(p) for p in sharded_parameters(module)}
+    # Under FSDP a replicated parameter of an FFN is a DTensor over the data axis: the ranks of
+    # one phantom group share a data coordinate, so their local parts are copies of each other.
+    grads = [local(p.grad) for g in optimizer.param_groups for p in g["params"]
+             if p.grad is not None and id(p) not in sharded]
+
+    def average(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, group=phantom_group)
+        flat.div_(layout.phantom)
+
+    with torch.no_grad():
+        coalesced(grads, average)

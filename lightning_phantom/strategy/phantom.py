@@ -54,8 +54,9 @@ from lightning_phantom.nn.compiling import CompileRequest, compile_ffns, compile
 from lightning_phantom.nn.layers import sharded_parameters
 from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan
 from lightning_phantom.strategy import checkpoints
-from lightning_phantom.strategy.data_parallel import (average_gradients, check_data_parallel, gradient_sync,
-                                                     shard_over_data, sync_replicas)
+from lightning_phantom.strategy.data_parallel import (
+    average_gradients, average_replicated_gradients, check_data_parallel, gradient_sync, shard_over_data, sync_replicas,
+)
 from lightning_phantom.strategy.sharding import shard_module
 from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
@@ -314,6 +315,7 @@ class PhantomStrategy(ParallelStrategy):
             # unscaling, clipping and the step all see the data-parallel mean.
             result = closure()
             average_gradients(raw, self.layout, self.data_parallel_group, self.root_device)
+            average_replicated_gradients(raw, self.lightning_module, self.layout, self.phantom_group)
             return result
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
