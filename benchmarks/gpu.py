@@ -279,20 +279,29 @@ def energy_meter(ctx: Context) -> dict:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=1e-4)
 
+    def fit(callbacks):
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(steps * 64, width)),
+                                           batch_size=64)
+        with tempfile.TemporaryDirectory() as root:
+            trainer = pl.Trainer(accelerator="cpu" if ctx.device.type == "cpu" else "gpu", devices=1,
+                                 max_steps=steps, precision="32-true" if ctx.dry_run else "bf16-mixed",
+                                 callbacks=callbacks + [Window()], logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+            trainer.fit(Module(), data)
+        return (window["end"] - window["start"]) / steps
+
+    without_s = fit([])  # also the monitor's overhead: the same run without it, before and after
     monitor = EnergyMonitor(meter=kind, prog_bar=False)
     sampler = PowerSampler(ctx)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(steps * 64, width)), batch_size=64)
-    with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(accelerator="cpu" if ctx.device.type == "cpu" else "gpu", devices=1, max_steps=steps,
-                             precision="32-true" if ctx.dry_run else "bf16-mixed", callbacks=[monitor, Window()],
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, default_root_dir=root)
-        sampler.start()
-        trainer.fit(Module(), data)
-    sampled_J = sampler.joules(window["start"], window["end"])
+    sampler.start()
+    with_s = fit([monitor])
+    monitored = dict(window)
+    without_s = min(without_s, fit([]))
+    sampled_J = sampler.joules(monitored["start"], monitored["end"])
     meter_J = monitor.summary()["total_J"]
-    return {"meter": kind, "steps": steps, "window_s": window["end"] - window["start"], "monitor_J": meter_J,
+    return {"meter": kind, "steps": steps, "window_s": monitored["end"] - monitored["start"], "monitor_J": meter_J,
             "sampled_power_J": sampled_J, "samples": len(sampler.samples),
+            "step_s_with_monitor": with_s, "step_s_without": without_s, "monitor_overhead": with_s / without_s - 1,
             "relative_difference": meter_J / sampled_J - 1 if sampled_J else None,
             "note": "dry run: estimate meter against a constant 100 W stand-in, not a comparison" if ctx.dry_run
             else "EnergyMonitor nvml meter (counter) vs NVML power samples every 5 ms, same window"}

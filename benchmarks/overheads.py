@@ -147,13 +147,18 @@ def _switched(cls):
 
     class Switched(cls):
         on = True
+        spent = 0.0  # CPU seconds inside the switched hooks (this thread), while on
 
     for name in ("on_train_batch_end", "on_before_backward", "on_before_optimizer_step", "_gradient_ready",
                  "on_after_backward"):
         if hasattr(cls, name):
             def hook(self, *args, _name=name, **kwargs):
                 if self.on:
-                    return getattr(cls, _name)(self, *args, **kwargs)
+                    start = time.thread_time()
+                    try:
+                        return getattr(cls, _name)(self, *args, **kwargs)
+                    finally:
+                        self.spent += time.thread_time() - start
             setattr(Switched, name, hook)
     Switched.__name__ = f"Switched{cls.__name__}"
     return Switched
@@ -238,8 +243,11 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
     sizes = [D_IN] + [width] * (DEPTH + 1) + [D_OUT]
     summary(sizes, 2, 32)
     log_s = time.perf_counter() - start
+    # CPU time inside each feature's own hooks per step it was on (warm-up included): robust to load
+    on_steps = {v: sum(1 for o, _, _ in order if o == v) for v in names}
+    in_hooks = {v: sum(cb.spent for cb in variants[v] if hasattr(cb, "spent")) / on_steps[v] for v in names}
     return {"width": width, "steps_per_variant": len(wall["baseline"]), "data_parallel": data_parallel,
-            "wall": wall, "cpu": cpu, "paired": paired, "cost_log_s": log_s}
+            "wall": wall, "cpu": cpu, "paired": paired, "in_hooks": in_hooks, "cost_log_s": log_s}
 
 
 def table(result: dict) -> list[dict]:
@@ -248,17 +256,21 @@ def table(result: dict) -> list[dict]:
     for variant, times in result["wall"].items():
         wall, cpu = statistics.median(times), statistics.median(result["cpu"][variant])
         paired = result["paired"].get(variant) or [0.0]
+        hooks = result["in_hooks"].get(variant, 0.0)
         rows.append({"width": result["width"], "variant": variant, "step_ms": 1e3 * wall, "cpu_ms": 1e3 * cpu,
+                     "in_hooks_ms": 1e3 * hooks, "in_hooks_pct": 100 * hooks / base_cpu,
                      "cost_pct": 100 * (wall / base_wall - 1), "paired_pct": 100 * statistics.median(paired) / base_wall,
                      "cpu_cost_pct": 100 * (cpu / base_cpu - 1), "steps": len(times)})
     rows.append({"width": result["width"], "variant": "cost log line (per fit)", "step_ms": 1e3 * result["cost_log_s"],
                  "cpu_ms": None, "cost_pct": 100 * result["cost_log_s"] / base_wall, "paired_pct": None,
+                 "in_hooks_ms": None, "in_hooks_pct": None,
                  "cpu_cost_pct": None, "steps": 1})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'n':>5} {'variant':<44} {'step ms':>8} {'cost':>7} {'paired':>7} | {'CPU ms':>7} {'cost':>7}"
+    head = (f"{'n':>5} {'variant':<44} {'step ms':>8} {'cost':>7} {'paired':>7} | {'CPU ms':>7} {'cost':>7} | "
+            f"{'in hooks':>8} {'share':>7}")
     print(head)
     print("-" * len(head))
 
@@ -267,10 +279,13 @@ def print_table(rows: list[dict]) -> None:
 
     for r in rows:
         cpu = f"{r['cpu_ms']:7.1f}" if r["cpu_ms"] is not None else f"{'-':>7}"
+        hooks = f"{r['in_hooks_ms']:8.2f}" if r["in_hooks_ms"] is not None else f"{'-':>8}"
         print(f"{r['width']:>5} {r['variant']:<44} {r['step_ms']:8.1f} {pct(r['cost_pct'])} {pct(r['paired_pct'])} | "
-              f"{cpu} {pct(r['cpu_cost_pct'])}")
+              f"{cpu} {pct(r['cpu_cost_pct'])} | {hooks} {pct(r['in_hooks_pct'])}")
     print("step ms: median step time of the variant (slowest rank); cost: against the baseline's median; paired:\n"
           "median of (step - the baseline steps of the cycles before and after); CPU: the main thread's CPU time.\n"
+          "in hooks: CPU ms per step inside the feature's own hooks (the guard's gradient sums included), and its\n"
+          "share of the baseline's CPU step: the least noisy figure on a shared machine.\n"
           "The cost log line runs once per fit: its 'cost' is its time as a share of one step.")
 
 
