@@ -2,6 +2,7 @@
 
     python benchmarks/pp_vs_tp.py     # n = 4096, p = 2, ghosts 16 32 64: ~2.5 min on a quiet machine
     python benchmarks/pp_vs_tp.py --widths 2048 8192 --p 2 4 --json > pp_vs_tp.jsonl
+    python benchmarks/pp_vs_tp.py --user --optimizer adam   # as a user builds both: see user_defaults.py
 
 One FFN, ``sizes = [d_in, n, n, n, n, n, d_out]`` (``--d-in 64 --d-out 1``): a
 column-parallel first layer, 4 hidden n → n layers (``--layers``), a row-parallel last
@@ -442,6 +443,11 @@ def _free_port() -> int:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--user" in argv:  # both strategies as a user builds them (benchmarks/user_defaults.py)
+        from user_defaults import main as user_main
+
+        return user_main([a for a in argv if a != "--user"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[4096], help="hidden widths (default 4096)")
