@@ -21,8 +21,10 @@ Before timing, each compiled model is checked against its eager twin (same weigh
 outputs and gradients must agree, so a wrong compiled graph is never timed. Compilation
 (first call, forward and backward) is timed separately. The cases then alternate in a
 rotating order, ``--warmup`` + ``--reps`` steps each; a step's time is the slowest rank's;
-the report gives medians and the ratios of medians from this one run. On a shared machine
-the times are noisy: quote the ratios, and re-run the final figures on a quiet one.
+the report gives medians and the ratios of medians from this one run, of wall time and of
+CPU time (the process's own, all threads: the work a step costs, steadier than wall time
+when other jobs share the cores). On a shared machine the times are noisy: quote the
+ratios, and re-run the final figures on a quiet one.
 """
 
 from __future__ import annotations
@@ -50,14 +52,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _step(model, x, target) -> float:
-    """One forward + backward from a barrier; this rank's seconds."""
+def _step(model, x, target) -> tuple[float, float]:
+    """One forward + backward from a barrier: this rank's wall seconds and CPU seconds.
+
+    CPU time (all of this process's threads) is the work the step costs whatever else runs
+    on the machine; on a machine shared with other jobs it is steadier than wall time, which
+    also holds the overlap of communication with computation.
+    """
     for p in model.parameters():
         p.grad = None
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     (model(x) * target).sum().backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _grads(model) -> list[torch.Tensor]:
@@ -138,25 +145,29 @@ def _worker(rank: int, args, port: int) -> None:
             shift = rep % len(keys)  # rotate, so that no case always runs first
             for key in keys[shift:] + keys[:shift]:
                 times[key].append(_step(models[key], x, target))
+        # [reps, 2] per case (wall, CPU); the slowest rank sets each repetition's value.
         slowest = {k: torch.tensor(v, dtype=torch.float64) for k, v in times.items()}
         for t in slowest.values():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if rank == 0:
-            med = {k: statistics.median(t.tolist()) for k, t in slowest.items()}
-            _report(args, med, {k: t.tolist() for k, t in slowest.items()}, compile_s)
+            med = {k: statistics.median(t[:, 0].tolist()) for k, t in slowest.items()}
+            cpu = {k: statistics.median(t[:, 1].tolist()) for k, t in slowest.items()}
+            _report(args, med, cpu, {k: t[:, 0].tolist() for k, t in slowest.items()}, compile_s)
     finally:
         dist.destroy_process_group()
 
 
-def _report(args, med: dict, all_times: dict, compile_s: dict) -> None:
+def _report(args, med: dict, cpu: dict, all_times: dict, compile_s: dict) -> None:
     row = {"p": args.p, "width": args.width, "layers": args.layers, "ghosts": args.ghosts, "rows": args.rows,
            "reps": args.reps, "torch": torch.__version__, "lightning_phantom": _package_path()}
     row.update({f"{k}_ms": 1e3 * v for k, v in med.items()})
+    row.update({f"{k}_cpu_ms": 1e3 * v for k, v in cpu.items()})
     row.update({f"{k}_compile_s": v for k, v in compile_s.items()})
     for num, den in (("pp_compiled", "pp_eager"), ("pp_compiled", "tp_compiled"), ("pp_eager", "tp_eager"),
                      ("tp_compiled", "tp_eager"), ("pp_eager", "tp_compiled")):
         if num in med and den in med:
             row[f"{num}/{den}"] = med[num] / med[den]
+            row[f"{num}/{den} (CPU)"] = cpu[num] / cpu[den]
     if args.json:
         row["times_ms"] = {k: [1e3 * t for t in v] for k, v in all_times.items()}
         print(json.dumps(row))
@@ -165,10 +176,10 @@ def _report(args, med: dict, all_times: dict, compile_s: dict) -> None:
           f"{args.ghosts}, {args.rows} rows, forward + backward, median of {args.reps} (slowest rank)")
     for k in med:
         extra = f"   (compile + check {compile_s[k]:.1f} s)" if k in compile_s else ""
-        print(f"  {k:12s} {1e3 * med[k]:9.1f} ms{extra}")
+        print(f"  {k:12s} wall {1e3 * med[k]:9.1f} ms   CPU {1e3 * cpu[k]:9.1f} ms{extra}")
     for k, v in row.items():
         if "/" in k:
-            print(f"  {k:25s} {v:.3f}")
+            print(f"  {k:31s} {v:.3f}")
 
 
 def _package_path() -> str:
