@@ -9,8 +9,9 @@ replaces the plugin Lightning hands it by the matching class below (same setting
 
 Gradients are already the data-parallel mean when it runs (equal on every replica); with
 ``data_parallel="fsdp"`` each replica holds only its part of them (a DTensor), and the
-squares of those parts are summed over the data-parallel group as well. Under ``16-mixed`` the plugin's ``GradScaler`` is replaced by one
-whose inf/NaN check is all-reduced over the world, so every rank skips the same steps.
+squares of those parts are summed over the data-parallel group as well. Under ``16-mixed``
+the plugin's ``GradScaler`` is replaced by one whose inf/NaN check is all-reduced over the
+world, so every rank skips the same steps.
 """
 
 from __future__ import annotations

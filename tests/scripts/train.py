@@ -201,7 +201,8 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: int = 2, steps: int = 12,
     trainer.fit(model, loader, ckpt_path=resume)
     return {"rank": trainer.global_rank, "losses": steps_cb.losses, "step": trainer.global_step,
             "state": {k: _whole(v).detach().clone() for k, v in model.state_dict().items()},
-            "outputs": steps_cb.outputs, "storage": _storage(model, trainer.optimizers)}
+            "outputs": steps_cb.outputs, "storage": _storage(model, trainer.optimizers),
+            "overlapped": strategy.data_axis.overlapped_steps}
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
