@@ -1,7 +1,9 @@
 """What a step costs: the analytic model (PP and Megatron TP) and the counters that check it."""
 
 from lightning_phantom.cost.counting import CommCounter, LocalFlopCounterMode
-from lightning_phantom.cost.model import Comparison, LayerCost, StepCost, compare, phantom_cost, tp_cost
+from lightning_phantom.cost.model import (
+    Comparison, DataAxisCost, LayerCost, StepCost, compare, data_axis_cost, phantom_cost, tp_cost,
+)
 
-__all__ = ["CommCounter", "Comparison", "LayerCost", "LocalFlopCounterMode", "StepCost", "compare",
-           "phantom_cost", "tp_cost"]
+__all__ = ["CommCounter", "Comparison", "DataAxisCost", "LayerCost", "LocalFlopCounterMode", "StepCost",
+           "compare", "data_axis_cost", "phantom_cost", "tp_cost"]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,7 @@ from torch.optim import Optimizer
 
 from lightning_phantom.nn.layers import PhantomFFN, sharded_buffers, sharded_parameters
 from lightning_phantom.ops.comm import broadcast_tensors, coalesced, local
+from lightning_phantom.strategy.grad_buckets import GradientBuckets
 from lightning_phantom.strategy.layout import PhantomLayout
 
 
@@ -37,8 +40,8 @@ DATA_PARALLEL_MODES = ("ddp", "fsdp")
 
 def check_data_parallel(mode: str) -> str:
     if mode not in DATA_PARALLEL_MODES:
-        raise ValueError(f"data_parallel must be one of {DATA_PARALLEL_MODES}, got {mode!r}: 'ddp' keeps a whole "
-                         "copy of each phantom shard per replica, 'fsdp' shards it over the replicas.")
+        raise ValueError(f"data_parallel must be one of {DATA_PARALLEL_MODES}, got {mode!r}: 'ddp' keeps a "
+                         "whole copy of each phantom shard per replica, 'fsdp' shards it over the replicas.")
     return mode
 
 
@@ -52,12 +55,16 @@ def sync_replicas(module: nn.Module, layout: PhantomLayout, data_group: dist.Pro
 
 
 def average_gradients(optimizer: Optimizer, layout: PhantomLayout, data_group: dist.ProcessGroup,
-                      device: torch.device) -> None:
-    """Every gradient of ``optimizer`` becomes its mean over the data-parallel replicas (bucketed)."""
+                      device: torch.device) -> bool:
+    """Every gradient of ``optimizer`` becomes its mean over the data-parallel replicas (bucketed).
+
+    Returns whether every parameter had a gradient on every replica.
+    """
     if layout.data == 1:
-        return
+        return True
     # FSDP's parameters (DTensors) have had their gradients reduce-scattered already.
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and not isinstance(p, DTensor)]
+    params = [p for g in optimizer.param_groups for p in g["params"]
+              if p.requires_grad and not isinstance(p, DTensor)]
     # A parameter with a gradient on some replicas only counts as 0 on the others.
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
     dist.all_reduce(present, group=data_group)
@@ -74,6 +81,7 @@ def average_gradients(optimizer: Optimizer, layout: PhantomLayout, data_group: d
             flat.div_(layout.data)
 
         coalesced(grads, average)
+    return bool((present == layout.data).all())
 
 
 def shard_over_data(module: nn.Module, data_mesh) -> list[nn.Module]:
@@ -81,25 +89,73 @@ def shard_over_data(module: nn.Module, data_mesh) -> list[nn.Module]:
 
     Each FFN is its own unit (and root), so its parameters are gathered only while it runs
     and the rest of the model keeps its plain tensors, whatever ``training_step`` calls.
+    ``reshard_after_forward=True`` (a root's default is False): between forward and backward
+    only one FFN's full parameters exist at a time, for one more all-gather per FFN and step.
     """
     from torch.distributed.fsdp import fully_shard
 
     units = [m for m in module.modules() if isinstance(m, PhantomFFN)]
     for ffn in units:
-        fully_shard(ffn, mesh=data_mesh)
+        fully_shard(ffn, mesh=data_mesh, reshard_after_forward=True)
     return units
 
 
-@contextmanager
-def gradient_sync(units: list[nn.Module], enabled: bool) -> Iterator[None]:
-    """Whether FSDP units reduce-scatter after the backwards inside (not while accumulating)."""
-    for unit in units:
-        unit.set_requires_gradient_sync(enabled)
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.set_requires_gradient_sync(True)
+class DataAxis:
+    """What the strategy does on the data axis in one mode (``"ddp"`` or ``"fsdp"``); one per strategy."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = check_data_parallel(mode)
+        self.fsdp_units: list[nn.Module] = []  # "fsdp": every PhantomFFN, sharded over the replicas
+        self.buckets: Optional[GradientBuckets] = None  # "ddp": the overlapped all-reduce
+        self.overlapped_steps = 0  # steps whose average overlapped backward
+
+    def shard(self, module: nn.Module, data_mesh) -> None:
+        """Before the optimizers are built: ``"fsdp"`` shards every FFN over the replicas (once)."""
+        if self.mode == "fsdp" and not self.fsdp_units:
+            self.fsdp_units = shard_over_data(module, data_mesh)
+
+    def attach(self, optimizers: list[Optimizer], layout: PhantomLayout, data_group: dist.ProcessGroup) -> None:
+        """After: ``"ddp"``'s overlapped all-reduce for the whole parameters, where it applies.
+
+        One optimizer only: the buckets are finished at its step (more are stepped by hand, in
+        manual optimization, and keep the synchronous average).
+        """
+        self.detach()
+        if self.mode != "ddp" or layout.data == 1 or len(optimizers) != 1:
+            return
+        params = [p for g in optimizers[0].param_groups for p in g["params"]
+                  if p.requires_grad and not isinstance(p, DTensor)]
+        self.buckets = GradientBuckets(params, data_group, layout.data) if params else None
+
+    def detach(self) -> None:
+        if self.buckets is not None:
+            self.buckets.remove()
+            self.buckets = None
+
+    def finish(self, optimizer: Optimizer, layout: PhantomLayout, data_group: dist.ProcessGroup,
+               device: torch.device) -> None:
+        """After the last backward of a step: the gradients are the replicas' mean (FSDP's: already)."""
+        average = partial(average_gradients, optimizer, layout, data_group, device)
+        if self.buckets is None:
+            average()
+        else:
+            self.overlapped_steps += self.buckets.armed
+            self.buckets.finish(average)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """No data-axis communication for the backwards inside (accumulating micro-batches)."""
+        for unit in self.fsdp_units:
+            unit.set_requires_gradient_sync(False)
+        if self.buckets is not None:
+            self.buckets.sync = False
+        try:
+            yield
+        finally:
+            for unit in self.fsdp_units:
+                unit.set_requires_gradient_sync(True)
+            if self.buckets is not None:
+                self.buckets.sync = True
 
 
 def average_replicated_gradients(optimizer: Optimizer, module: nn.Module, layout: PhantomLayout,

@@ -8,8 +8,8 @@ Lightning's ``ModelParallelStrategy``; each job they start lives in a module of 
 * ``lightning_phantom.nn.plan``: what to shard — the ``ghosts``/``init``/``overlap`` request
   becomes one frozen ``FFNPlan`` per FFN after ``configure_model``; every eligible FFN is then
   replaced in place by this rank's ``PhantomFFN`` (built straight into shards from meta).
-* ``data_parallel``: replicas start equal; their gradients are averaged before each step
-  (``"ddp"``), or FSDP2 shards every FFN over them too (``"fsdp"``).
+* ``data_parallel``: replicas start equal; their gradients are averaged during backward
+  (``"ddp"``, ``grad_buckets``), or FSDP2 shards every FFN over them too (``"fsdp"``).
 * ``precision``: the strategy's own precision plugins, clipping by the norm of the whole model.
 * ``checkpoints`` (the format) and ``storage`` (atomic publish): sharded DCP checkpoints.
 * ``guards``: ``NonFiniteGuard`` (on unless ``detect_non_finite=False``) and dead-peer messages.
@@ -54,9 +54,7 @@ from lightning_phantom.nn.compiling import CompileRequest, compile_ffns, compile
 from lightning_phantom.nn.layers import sharded_parameters
 from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan
 from lightning_phantom.strategy import checkpoints
-from lightning_phantom.strategy.data_parallel import (
-    average_gradients, average_replicated_gradients, check_data_parallel, gradient_sync, shard_over_data, sync_replicas,
-)
+from lightning_phantom.strategy.data_parallel import DataAxis, average_replicated_gradients, sync_replicas
 from lightning_phantom.strategy.sharding import shard_module
 from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
@@ -87,8 +85,8 @@ class PhantomStrategy(ParallelStrategy):
         init: how a dense FFN becomes shards: ``"svd"`` (the closest phantom model, default) or
             ``"random"`` (the architecture only). FFNs on the meta device always get ``"random"``.
         overlap: overlap the ghost all-gather with the local block's matmul.
-        data_parallel: ``"ddp"`` (default): each replica holds whole shards and gradients are
-            averaged over the replicas. ``"fsdp"``: FSDP2 shards each FFN's parameters, gradients
+        data_parallel: ``"ddp"`` (default): each replica holds whole shards; gradients are averaged
+            over the replicas during backward, bucket by bucket. ``"fsdp"``: FSDP2 shards each FFN's parameters, gradients
             and optimizer state over the replicas too (1/data of the memory; two collectives more).
         timeout: process-group timeout (``timedelta`` or seconds) of the default group when the strategy
             creates it, and of the data and phantom groups: a dead peer ends the job (a hung one after
@@ -130,7 +128,7 @@ class PhantomStrategy(ParallelStrategy):
         #: The sharding request, checked here so that a bad one fails before any process starts.
         self.plan = PhantomPlan(ghosts, init, overlap, modules=plan)
         self._timeout = check_timeout(timeout)
-        self.data_parallel, self._fsdp_units = check_data_parallel(data_parallel), []  # FSDP units, "fsdp"
+        self.data_axis = DataAxis(data_parallel)
         self._detect_non_finite = bool(detect_non_finite)
         self._compile = compile_options(compile)
         if process_group_backend is not None and not isinstance(process_group_backend, str):
@@ -140,8 +138,7 @@ class PhantomStrategy(ParallelStrategy):
         self._layout: Optional[PhantomLayout] = None
         self._device_mesh: Optional[DeviceMesh] = None
         self.num_nodes = 1
-        #: Name of every PhantomFFN in the module → a one-line summary with its cost (also logged).
-        self.converted_modules: dict[str, str] = {}
+        self.converted_modules: dict[str, str] = {}  # PhantomFFN name -> summary with cost (logged)
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, precision_plugin=precision_plugin)
 
@@ -225,7 +222,7 @@ class PhantomStrategy(ParallelStrategy):
     def _global_grad_norm(self, grads: list[Tensor]) -> Tensor:
         sharded = {id(p.grad) for p in sharded_parameters(self.lightning_module) if p.grad is not None}
         return global_grad_norm(grads, sharded, self.phantom_group, self.layout.phantom,
-                                self.data_parallel_group if self._fsdp_units else None)
+                                self.data_parallel_group if self.data_axis.fsdp_units else None)
 
     # ---------------------------------------------------------------- launch
     @override
@@ -277,12 +274,12 @@ class PhantomStrategy(ParallelStrategy):
         self.model_to_device()
         sync_replicas(self.lightning_module, self.layout, self.data_parallel_group)
         sync_metrics_over(self.lightning_module, self.data_parallel_group)
-        if self.data_parallel == "fsdp" and not self._fsdp_units:
-            self._fsdp_units = shard_over_data(self.lightning_module, self.device_mesh["data_parallel"])
+        self.data_axis.shard(self.lightning_module, self.device_mesh["data_parallel"])
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
+            self.data_axis.attach(self.optimizers, self.layout, self.data_parallel_group)
             if self._detect_non_finite and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
                 trainer.callbacks.append(NonFiniteGuard())
         self.setup_precision_plugin()
@@ -314,7 +311,7 @@ class PhantomStrategy(ParallelStrategy):
             # After the last backward of the accumulation window; on_before_optimizer_step,
             # unscaling, clipping and the step all see the data-parallel mean.
             result = closure()
-            average_gradients(raw, self.layout, self.data_parallel_group, self.root_device)
+            self.data_axis.finish(raw, self.layout, self.data_parallel_group, self.root_device)
             average_replicated_gradients(raw, self.lightning_module, self.layout, self.phantom_group)
             return result
 
@@ -323,8 +320,8 @@ class PhantomStrategy(ParallelStrategy):
     @contextmanager
     @override
     def block_backward_sync(self) -> Generator:
-        """While accumulating, FSDP keeps unsharded gradients and communicates on the last micro-batch."""
-        with gradient_sync(self._fsdp_units, False):
+        """While accumulating, the data axis communicates nothing (on the last micro-batch only)."""
+        with self.data_axis.no_sync():
             yield None
 
     # ----------------------------------------------------------- collectives
@@ -387,6 +384,7 @@ class PhantomStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
+        self.data_axis.detach()
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()

@@ -206,7 +206,7 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
     return {"rank": trainer.global_rank, "losses": steps_cb.losses, "step": trainer.global_step,
             "state": {k: _whole(v).detach().cpu().clone() for k, v in model.state_dict().items()},
             "outputs": {step: out.cpu() for step, out in steps_cb.outputs.items()},
-            "storage": _storage(model, trainer.optimizers)}
+            "storage": _storage(model, trainer.optimizers), "overlapped": strategy.data_axis.overlapped_steps}
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
