@@ -97,7 +97,7 @@ def test_two_runs_on_different_ranks_in_one_comparison(tmp_path):
     """phantom on 2 processes beside one device, digits data, each stopped at the target."""
     out = tmp_path / "cmp"
     runs = ("compare.runs=[{name:phantom-2,overrides:['strategy=phantom','trainer.devices=2',"
-            "'strategy.ghosts=4']},{name:single-1,overrides:['strategy=single']}]")
+            "'strategy.ghosts=2']},{name:single-1,overrides:['strategy=single']}]")
     proc = subprocess.run([sys.executable, "-m", "lightning_phantom.compare", "data=digits", *TINY, runs,
                            f"hydra.run.dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -106,6 +106,10 @@ def test_two_runs_on_different_ranks_in_one_comparison(tmp_path):
     assert (phantom["strategy"], phantom["ranks"]) == ("phantom", 2)
     assert (single["strategy"], single["ranks"]) == ("single", 1)
     # Same width, but the phantom model is smaller: diagonal blocks plus ghosts instead of whole layers.
+    assert single["params_model"] == single["params_per_rank"]  # one device holds the whole model
+    # A phantom group's ranks hold distinct blocks; only the output bias (10 classes) is on both.
+    per_rank = json.loads((Path(phantom["run"]) / "result.json").read_text())["per_rank"]
+    assert phantom["params_model"] == sum(r["params"] for r in per_rank) - 10
     assert phantom["params_model"] < single["params_model"]
     for row in (phantom, single):
         # Stopped at the first validation (step 4 of a 40-step budget): val_loss <= 10 at once.
