@@ -264,9 +264,8 @@ def plot_to_target(results: dict[str, dict], path: Path, meter: str):
         name = _loss_name(result)
         target = target if target is not None else (result.get("config") or {}).get("target_loss")
         hit = ((result.get("energy") or {}).get("energy_to_target")) or {}
-        for ax, x in ((axes[0], lambda r: r[2]), (axes[1], lambda r: r[1] * ranks)):
-            ax.plot([x(r) for r in val], [r[3] for r in val], "o-", ms=3, color=f"C{i}",
-                    label=run_legend(label, result))
+        for ax, xs in ((axes[0], [r[2] for r in val]), (axes[1], [r[1] * ranks for r in val])):
+            ax.plot(xs, [r[3] for r in val], "o-", ms=3, color=f"C{i}", label=run_legend(label, result))
         if hit.get("energy_J") is not None:
             axes[0].plot(hit["energy_J"], hit["reached_value"], "*", ms=14, color=f"C{i}", mec="black")
             axes[1].plot(hit["time_s"] * ranks, hit["reached_value"], "*", ms=14, color=f"C{i}", mec="black")
