@@ -117,8 +117,8 @@ def test_compare_passes_strategy_options_only_where_they_exist(compose):
 def test_plot_shows_the_target_and_ticks_where_the_curves_differ(tmp_path):
     from lightning_phantom.app.report import plot
 
-    def run(scale: float) -> dict:  # train loss from 1.0 down; validations between 0.12 and 0.2
-        train = [[s, 0.1 * s, scale * s, 1.0 / (1 + 0.1 * s)] for s in range(1, 201)]
+    def run(scale: float) -> dict:  # train loss from 0.9 to 0.11; validations between 0.12 and 0.22
+        train = [[s, 0.1 * s, scale * s, 0.11 + 1.0 / (1 + 0.1 * s) ** 2] for s in range(1, 201)]
         val = [[s, 0.1 * s, scale * s, v] for s, v in ((50, 0.2 * scale), (100, 0.16 * scale), (200, 0.12 * scale))]
         return {"train_curve": train, "val_curve": val,
                 "config": {"target_loss": 0.15, "model": {"task": "regression"}}}
@@ -150,12 +150,15 @@ def test_user_config_dir_adds_groups(tmp_path):
 def test_compare_ctrl_c_stops_every_process(tmp_path):
     """Ctrl-C during a compare run: the run's processes are killed, one line, exit code 130."""
     out = tmp_path / "cmp"
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_phantom.compare", *TINY, "trainer.max_steps=100000",
-                             "progress_every=1", f"hydra.run.dir={out}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_phantom.compare", *TINY, "strategy.ghosts=4",
+                             "trainer.max_steps=100000", "progress_every=1", f"hydra.run.dir={out}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
     for line in proc.stdout:  # wait until the phantom run trains
+        seen.append(line)
         if line.startswith("  phantom: step "):
             break
+    assert proc.poll() is None, "".join(seen) + proc.stderr.read()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

@@ -60,7 +60,9 @@ class ProgressLog(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         per_step = (time.perf_counter() - self._t0) / max(1, step - self._first)
         eta = f", ETA {_duration(per_step * (self._last - step))}" if step < self._last else ""
-        self._print(f"step {step}/{self._last}, loss {float(loss):.4g}, {1e3 * per_step:.3g} ms/step{eta}")
+        ms = 1e3 * per_step
+        shown = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+        self._print(f"step {step}/{self._last}, loss {float(loss):.4g}, {shown} ms/step{eta}")
 
     @override
     def on_validation_end(self, trainer, pl_module) -> None:

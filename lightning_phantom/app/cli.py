@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
+
+from lightning_phantom.app.processes import run_app_subprocess
 
 
 
@@ -290,54 +289,6 @@ def summary_line(result: dict) -> str:
             f"val loss {'-' if val is None else format(val, '.4g')}{joules}")
 
 
-def run_app_subprocess(overrides: Sequence[str], run_dir: Path, log_path: Path, timeout_s: float,
-                       relay: Optional[Callable[[str], None]] = None) -> int:
-    """``python -m lightning_phantom OVERRIDES hydra.run.dir=RUN_DIR``, its output in ``log_path``.
-
-    Every line the run prints goes to ``log_path``, and also to ``relay`` as it comes (compare
-    shows the progress lines). The child gets a session of its own, so that on a timeout or an
-    interrupt the whole run, the Lightning launcher's children included, is killed rather
-    than left behind.
-    """
-    command = [sys.executable, "-m", "lightning_phantom", *overrides, f'hydra.run.dir="{run_dir}"']
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-        def copy() -> None:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if relay is not None:
-                    relay(line.rstrip("\n"))
-
-        reader = threading.Thread(target=copy, daemon=True, name="run-output")
-        reader.start()
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill(proc)
-            raise TimeoutError(f"{' '.join(command)} ran past {timeout_s:.0f} s and was killed; see "
-                               f"{log_path}") from None
-        except BaseException:
-            _kill(proc)
-            raise
-        reader.join(timeout=10)
-        return rc
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """The run and every process it started (its session)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def _launched_externally() -> bool:
     """This process is one rank of a job someone else started (Lightning, torchrun, SLURM)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
@@ -351,12 +302,9 @@ def _run_multirun_job() -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     log = run_dir / "run.log"
-    rc = run_app_subprocess(list(hc.overrides.task), run_dir, log, timeout_s=7 * 24 * 3600)
+    rc = run_app_subprocess(list(hc.overrides.task), run_dir, log, timeout_s=7 * 24 * 3600, relay=print)
     if rc:
-        sys.stderr.write(log.read_text()[-6000:])
-        raise SystemExit(rc)
-    print(next((line for line in reversed(log.read_text().splitlines()) if " steps, median step " in line),
-               f"done: {run_dir}"), flush=True)
+        raise SystemExit(rc)  # its output, the error included, was relayed above
 
 
 class CheckConfig(HydraCallback):

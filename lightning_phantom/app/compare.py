@@ -42,7 +42,8 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_phantom.app.cli import (CONF_DIR, RESULT_FILE, ConfigError, check_config, exit_on_config_error,
-                                      exit_on_interrupt, run_app_subprocess)
+                                      exit_on_interrupt)
+from lightning_phantom.app.processes import run_app_subprocess
 from lightning_phantom.app.report import plot_against_ghosts, run_label, terminal_table, write_outputs
 
 

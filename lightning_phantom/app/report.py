@@ -222,9 +222,7 @@ def plot(results: dict[str, dict], path: Path, meter: str):
             if val:
                 ax.plot([r[x] for r in val], [r[3] for r in val], "o-", color=line.get_color(), ms=4, lw=1.5,
                         label=f"{run_legend(label, result)} val")
-        shown += [r[3] for r in val] or [r[3] for r in train]
-    if not any(r["val_curve"] for r in results.values()):  # no validation: the train curves' tails
-        shown = [r[3] for result in results.values() for r in result["train_curve"][len(result["train_curve"]) // 2:]]
+        shown += [r[3] for r in val] + [r[3] for r in train[len(train) * 3 // 4:]]  # and the last quarter
     estimate = ": CPU time × W/core, an estimate" if meter == "estimate" else ""
     for ax, xlabel in ((by_J, f"cumulative energy, J ({meter}{estimate})"),
                        (by_s, "wall time since training started, s")):
