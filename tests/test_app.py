@@ -205,7 +205,7 @@ def test_compare_runs_every_strategy_and_counts_what_the_model_predicts(tmp_path
         assert row["sent_matches_model"] == "True", row
         assert float(row["sent_bytes_per_step"]) == float(row["sent_bytes_model"]), row
         assert int(row["macs_per_step"]) == int(row["macs_model"]), row
-        assert int(row["params_per_rank"]) == int(row["params_model"]), row
+        assert int(row["params_per_rank"]) == int(row["params_per_rank_model"]), row
         assert float(row["J_per_step_median"]) > 0 and row["meter"] == "estimate"
         assert row["target_J"] not in ("", None)  # target_loss=10 is reached at the first validation
         assert float(row["step_ms_median"]) > 0 and int(row["rss_peak_bytes_per_rank"]) > 0

@@ -18,6 +18,19 @@ def _exact(value: Optional[str]) -> Optional[Fraction]:
     return None if value is None else Fraction(value)
 
 
+def model_params(result: dict) -> int:
+    """Parameters of the whole model, each counted once (not once per rank or per replica).
+
+    TP, DDP and one device train the dense FFN (TP shards it, DDP replicates it). A phantom
+    group's ranks hold distinct blocks and ghost maps; only the output bias is on every rank.
+    """
+    sizes, ranks = result["sizes"], result["per_rank"]
+    if result["strategy"] != "phantom":
+        return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+    p, replicas = result["group_size"], result.get("data_parallel", 1)
+    return sum(r["params"] for r in ranks) // replicas - (p - 1) * sizes[-1]
+
+
 def result_row(result: dict, run: str = "", job: str = "") -> dict:
     """One strategy's run as a flat row (the CSV columns); the largest per-rank figure where ranks differ."""
     ranks, predicted = result["per_rank"], result.get("predicted") or {}
@@ -31,7 +44,8 @@ def result_row(result: dict, run: str = "", job: str = "") -> dict:
         "group_size": result["group_size"],
         "ghosts": ",".join(map(str, sorted(set(result["ghosts"])))) if result.get("ghosts") else "",
         "sizes": "x".join(map(str, result["sizes"])), "rows_per_step": ranks[0].get("rows"),
-        "params_per_rank": max(r["params"] for r in ranks), "params_model": predicted.get("params"),
+        "params_per_rank": max(r["params"] for r in ranks), "params_per_rank_model": predicted.get("params"),
+        "params_model": model_params(result),
         "macs_per_step": max(r["flops"] // 2 for r in ranks) if all("flops" in r for r in ranks) else None,
         "macs_model": predicted.get("macs"),
         "sent_bytes_per_step": float(max(sent)) if counted else None,
@@ -121,8 +135,7 @@ TERMINAL = (  # header, CSV key, format: the headline columns, to fit a 100-colu
     ("ranks", "ranks", "s"), ("params", "params_model", "si"), ("MACs/step", "macs_per_step", "si"),
     ("sent B/step", "sent_bytes_per_step", "si"), ("step ms", "step_ms_median", "g"),
     ("J/step", "J_per_step_median", "g"), ("val loss", "final_val_loss", "g"),
-    ("val acc", "final_val_acc", "g"),
-    ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),
+    ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),  # val acc: in the .md
 )
 TERMINAL_WIDTH = 100
 
@@ -229,8 +242,7 @@ def plot(results: dict[str, dict], path: Path, meter: str):
 
 def run_legend(label: str, result: dict) -> str:
     """A run as the plots name it: its label, ranks and the parameters of the whole model."""
-    params = (result.get("predicted") or {}).get("params")
-    return f"{label} ({result['world_size']} ranks" + (f", {_si(params)} params)" if params else ")")
+    return f"{label} ({result['world_size']} ranks, {_si(model_params(result))} params)"
 
 
 def plot_to_target(results: dict[str, dict], path: Path, meter: str):
@@ -250,9 +262,8 @@ def plot_to_target(results: dict[str, dict], path: Path, meter: str):
         name = _loss_name(result)
         target = target if target is not None else (result.get("config") or {}).get("target_loss")
         hit = ((result.get("energy") or {}).get("energy_to_target")) or {}
-        for ax, x in ((axes[0], lambda r: r[2]), (axes[1], lambda r: r[1] * ranks)):
-            ax.plot([x(r) for r in val], [r[3] for r in val], "o-", ms=3, color=f"C{i}",
-                    label=run_legend(label, result))
+        for ax, xs in ((axes[0], [r[2] for r in val]), (axes[1], [r[1] * ranks for r in val])):
+            ax.plot(xs, [r[3] for r in val], "o-", ms=3, color=f"C{i}", label=run_legend(label, result))
         if hit.get("energy_J") is not None:
             axes[0].plot(hit["energy_J"], hit["reached_value"], "*", ms=14, color=f"C{i}", mec="black")
             axes[1].plot(hit["time_s"] * ranks, hit["reached_value"], "*", ms=14, color=f"C{i}", mec="black")
@@ -260,10 +271,9 @@ def plot_to_target(results: dict[str, dict], path: Path, meter: str):
             joules = {r[0]: r[2] for r in val}  # global step -> cumulative J at that validation
             points = [(joules[step], acc) for step, acc in result["val_acc_curve"] if step in joules]
             axes[2].plot(*zip(*points), "o-", ms=3, color=f"C{i}", label=run_legend(label, result))
-    estimate = ", an ESTIMATE: CPU time × W/core" if meter == "estimate" else ""
-    for ax, xlabel in zip(axes, (f"cumulative energy, J ({meter}{estimate})",
-                                 "rank-seconds (wall time × ranks; the machine was shared)",
-                                 f"cumulative energy, J ({meter}{estimate})")):
+    energy = ("cumulative energy, J (an ESTIMATE: CPU time × W/core)" if meter == "estimate"
+              else f"cumulative energy, J ({meter})")
+    for ax, xlabel in zip(axes, (energy, "rank-seconds (wall time × ranks)", energy)):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="both")
     for ax in axes[:2]:
