@@ -42,7 +42,8 @@ def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
     seen: dict[int, str] = {}
     width = None  # features of the activation at this point, once a Linear has set them
     for path, child in leaf_layers(module):
-        where = f"{name}.{path}"
+        # module[1][0] for nn.Sequential(...) positions, module.fc for named children
+        where = name + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in path.split("."))
         for pname, param in child.named_parameters():
             if id(param) in seen:
                 raise ValueError(
