@@ -83,7 +83,7 @@ def _rebuild(seq: nn.Sequential, layer_fn, top=PhantomFFN.from_layers, prefix: s
     """``seq`` with every layer replaced by ``layer_fn(path, layer)``, the nesting and child names kept,
     so the result has the state-dict keys of ``seq`` (``0.0.weight``, ``block1.fc.weight`` …)."""
     children = OrderedDict()
-    for name, child in seq.named_children():
+    for name, child in seq._modules.items():
         path = prefix + name
         children[name] = (_rebuild(child, layer_fn, nn.Sequential, path + ".") if type(child) is nn.Sequential
                           else layer_fn(path, child))
