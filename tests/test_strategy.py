@@ -403,7 +403,7 @@ def error_message(kind: str):
     L.seed_everything(0)
     model, strategy = Regression(), "phantom"
     if kind == "no_ffn":
-        model.net = nn.Sequential(nn.Linear(D_IN, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, D_OUT))
+        model.net = nn.Sequential(nn.Linear(D_IN, 8), nn.Softmax(-1), nn.Linear(8, 8), nn.Linear(8, D_OUT))
     elif kind == "indivisible":
         model = Regression(width=9)
     elif kind == "unknown_name":
@@ -419,7 +419,7 @@ def error_message(kind: str):
 
 
 @pytest.mark.parametrize("kind, words", [
-    ("no_ffn", ["nothing to shard", "net[1] is LayerNorm", "'ddp'"]),
+    ("no_ffn", ["nothing to shard", "net[1] is Softmax", "'ddp'"]),
     ("indivisible", ["nothing to shard", "hidden width 9", "not divisible by phantom(2)"]),
     ("ghosts", ["ghosts=5 is too large", "n_in/p = 8/2 = 4"]),
     ("unknown_name", ["['nett']", "['net']"]),

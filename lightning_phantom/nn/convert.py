@@ -43,7 +43,8 @@ def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
     seen: dict[int, str] = {}
     width = None  # features of the activation at this point, once a Linear has set them
     for path, child in leaf_layers(module):
-        where = f"{name}.{path}"
+        # module[1][0] for nn.Sequential(...) positions, module.fc for named children
+        where = name + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in path.split("."))
         for pname, param in child.named_parameters():
             if id(param) in seen:
                 raise ValueError(
@@ -83,7 +84,7 @@ def _rebuild(seq: nn.Sequential, layer_fn, top=PhantomFFN.from_layers, prefix: s
     """``seq`` with every layer replaced by ``layer_fn(path, layer)``, the nesting and child names kept,
     so the result has the state-dict keys of ``seq`` (``0.0.weight``, ``block1.fc.weight`` …)."""
     children = OrderedDict()
-    for name, child in seq.named_children():
+    for name, child in seq._modules.items():
         path = prefix + name
         children[name] = (_rebuild(child, layer_fn, nn.Sequential, path + ".") if type(child) is nn.Sequential
                           else layer_fn(path, child))

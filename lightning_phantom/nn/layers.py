@@ -307,7 +307,8 @@ class PhantomFFN(nn.Sequential):
 def leaf_layers(seq: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
     """(state-dict prefix, layer) of every layer of ``seq``, nested ``nn.Sequential`` blocks flattened."""
     out = []
-    for name, child in seq.named_children():
+    # _modules, not named_children(): a layer placed twice must be seen twice (tied weights are refused).
+    for name, child in seq._modules.items():
         if type(child) is nn.Sequential:
             out += leaf_layers(child, f"{prefix}{name}.")
         else:
