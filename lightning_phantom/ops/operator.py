@@ -105,10 +105,9 @@ class PhantomLinearFunction(torch.autograd.Function):
         grad_d = None
         if need_d:
             g_before, g_after = _others(all_ghosts_t, rank, ghosts, 0)
-            grad_d = grad_z.new_empty(decompress.shape)
-            gd_before, gd_after = grad_d.split([d_before.shape[1], d_after.shape[1]], dim=1)
-            torch.mm(grad_z.t(), g_before.t(), out=gd_before)
-            torch.mm(grad_z.t(), g_after.t(), out=gd_after)
+            # Two products joined by cat (a c × (p−1)k copy): the column blocks of one buffer
+            # are not contiguous for a middle rank, and torch.compile refuses mm(out=) into them.
+            grad_d = torch.cat([torch.mm(grad_z.t(), g_before.t()), torch.mm(grad_z.t(), g_after.t())], dim=1)
         grad_x = torch.mm(grad_z, weight) if need_x else None
 
         # Backward 4: the ghosts' own gradient reaches the input and the compressor.
