@@ -220,7 +220,8 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
                                **({"data_parallel_size": 2} if data_parallel else {}))
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps,
                          callbacks=[Cycle(), guard, old, energy], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=tempfile.mkdtemp(prefix="overheads-"))  # energy_summary.json
     trainer.fit(user_module(width), user_data(steps))
     phantom_module.average_gradients = bucketed
     warm = len(names) * 2  # the first two cycles warm up
