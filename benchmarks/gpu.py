@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import math
 import os
 import sys
 import tempfile
