@@ -17,6 +17,12 @@ tests hold equal to counted bytes and FLOPs). This script adds:
   §4 steps 2–3); TP hides the column layer's input-gradient all-reduce behind its weight
   gradient (Megatron's async all-reduce) and nothing else;
 * energy: p × (busy power × compute time + communication power × exposed communication).
+* the data axis (printed after the table): ``--group`` GPUs of a node in a phantom/TP group
+  (8) times ``--replicas`` (32) across nodes, 256 GPUs by default; ``data_axis_cost`` gives each
+  mode's collectives, run over the inter-node α–β link. ``ddp``'s all-reduce is hidden behind
+  backward, FSDP2's all-gather behind forward and its all-gather + reduce-scatter behind
+  backward; only the excess is exposed. PP with ``ddp`` and ``fsdp`` is set against FSDP2 × TP
+  (Lightning's ``ModelParallelStrategy``), TP with ``ddp`` shown for reference.
 
 Two scalings: fixed width (``--width``) and width growing as sqrt(p) from ``--base-width``
 at p = 1 (TP's parameters per rank constant). With ``--calibrate`` (JSON lines from
@@ -110,6 +116,7 @@ def data_axis_step(args, model: Model, cost, p: int, replicas: int, mode: str) -
     group = model.step(cost, p)
     data = data_axis_cost(cost.params, replicas, mode, args.element_size)
     alpha, beta = model.link(p * replicas) if replicas > 1 else (0.0, 1.0)
+    # Time of one call of each kind (FSDP2's two all-gathers are alike: one before forward, one before backward).
     ring = {op: RING_STEPS[op](replicas) * alpha + float(n) * args.element_size * _ring_factor(op, replicas) / beta
             for op, n in data.calls} if replicas > 1 else {}
     fwd = sum(2 * layer.macs_fwd for layer in cost.per_layer) / model.rate
