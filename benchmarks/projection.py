@@ -17,6 +17,12 @@ tests hold equal to counted bytes and FLOPs). This script adds:
   §4 steps 2–3); TP hides the column layer's input-gradient all-reduce behind its weight
   gradient (Megatron's async all-reduce) and nothing else;
 * energy: p × (busy power × compute time + communication power × exposed communication).
+* the data axis (printed after the table): ``--group`` GPUs of a node in a phantom/TP group
+  (8) times ``--replicas`` (32) across nodes, 256 GPUs by default; ``data_axis_cost`` gives each
+  mode's collectives, run over the inter-node α–β link. ``ddp``'s all-reduce is hidden behind
+  backward, FSDP2's all-gather behind forward and its all-gather + reduce-scatter behind
+  backward; only the excess is exposed. PP with ``ddp`` and ``fsdp`` is set against FSDP2 × TP
+  (Lightning's ``ModelParallelStrategy``), TP with ``ddp`` shown for reference.
 
 Two scalings: fixed width (``--width``) and width growing as sqrt(p) from ``--base-width``
 at p = 1 (TP's parameters per rank constant). With ``--calibrate`` (JSON lines from
@@ -33,7 +39,7 @@ import math
 import statistics
 import sys
 
-from lightning_phantom.cost.model import phantom_cost, tp_cost
+from lightning_phantom.cost.model import data_axis_cost, phantom_cost, tp_cost
 
 # Documented figures (vendor data sheets); MFU and powers other than TDP are assumptions.
 GPUS = {
@@ -96,6 +102,83 @@ class Model:
         energy = p * self.gpu["tdp_w"] * (self.a.busy_power * busy + self.a.comm_power * exposed)
         return {"time": time, "compute": busy, "comm": comm_total, "exposed": exposed, "energy": energy,
                 "memory": cost.params * self.a.bytes_per_param}
+
+
+def data_axis_step(args, model: Model, cost, p: int, replicas: int, mode: str) -> dict:
+    """One step of a phantom/TP group of ``p`` GPUs in a node, times ``replicas`` across nodes.
+
+    The data axis (``data_axis_cost``) runs over the inter-node network (a ring of ``replicas``
+    GPUs, one per node, each with its own NIC). ``"ddp"``: the gradient all-reduce runs
+    bucket by bucket during backward, so only what outlasts the backward compute is exposed.
+    ``"fsdp"`` (FSDP2): the forward all-gather is prefetched under the forward compute, the
+    backward all-gather and the gradient reduce-scatter under the backward compute.
+    """
+    group = model.step(cost, p)
+    data = data_axis_cost(cost.params, replicas, mode, args.element_size)
+    alpha, beta = model.link(p * replicas) if replicas > 1 else (0.0, 1.0)
+    # Time of one call of each kind (FSDP2's two all-gathers are alike: one before forward, one before backward).
+    ring = {op: RING_STEPS[op](replicas) * alpha + float(n) * args.element_size * _ring_factor(op, replicas) / beta
+            for op, n in data.calls} if replicas > 1 else {}
+    fwd = sum(2 * layer.macs_fwd for layer in cost.per_layer) / model.rate
+    bwd = sum(2 * layer.macs_bwd for layer in cost.per_layer) / model.rate
+    if cost.scheme == "phantom":
+        fwd, bwd = fwd * model.pp_slowdown, bwd * model.pp_slowdown
+    calls = [op for op, _ in data.calls]
+    comm = sum(RING_STEPS[op](replicas) * alpha for op in calls) + float(data.sent_bytes) / beta if calls else 0.0
+    if not args.overlap:
+        exposed = comm
+    elif mode == "ddp":
+        exposed = max(0.0, comm - bwd)
+    else:
+        gather = ring.get("all_gather", 0.0)
+        exposed = max(0.0, gather - fwd) + max(0.0, gather + ring.get("reduce_scatter", 0.0) - bwd)
+    time = group["time"] + exposed
+    gpus = p * replicas
+    energy = gpus * model.gpu["tdp_w"] * (args.busy_power * group["compute"]
+                                          + args.comm_power * (group["exposed"] + exposed))
+    memory = cost.params * args.bytes_per_param / (replicas if mode == "fsdp" else 1)
+    return {"time": time, "group_time": group["time"], "data_comm": comm, "data_exposed": exposed,
+            "data_bytes": float(data.sent_bytes), "model_bytes": float(cost.sent_bytes), "energy": energy,
+            "memory": memory}
+
+
+def _ring_factor(op: str, d: int) -> float:
+    """Bytes sent per payload byte by one rank in a ring collective over d ranks (calls in ``data.calls``
+    give the all-gather's input shard and the reduce-scatter's whole input)."""
+    return {"all_gather": d - 1, "reduce_scatter": (d - 1) / d, "all_reduce": 2 * (d - 1) / d}[op]
+
+
+def project_data_axis(args, model: Model) -> list[dict]:
+    """PP (ddp and fsdp on the data axis) against FSDP2 x TP, groups of ``--group`` GPUs x ``--replicas``."""
+    p, d = args.group, args.replicas
+    k = min(args.ghosts, args.width // p)
+    sizes = [args.d_in] + [args.width] * (args.layers + 1) + [args.d_out]
+    costs = {"TP": tp_cost(sizes, p, args.rows, args.element_size),
+             "PP": phantom_cost(sizes, p, k, args.rows, args.element_size)}
+    sides = {f"{scheme} {mode}": data_axis_step(args, model, costs[scheme], p, d, mode)
+             for scheme in ("TP", "PP") for mode in ("fsdp", "ddp")}
+    tp = sides["TP fsdp"]  # Lightning's ModelParallelStrategy: FSDP2 x TP
+    return [{"side": side, "p": p, "replicas": d, "gpus": p * d, "width": args.width, "ghosts": k, **row,
+             "time_ratio": row["time"] / tp["time"], "energy_ratio": row["energy"] / tp["energy"],
+             "bytes_ratio": (row["model_bytes"] + row["data_bytes"]) / (tp["model_bytes"] + tp["data_bytes"]),
+             "memory_ratio": row["memory"] / tp["memory"]} for side, row in sides.items()]
+
+
+def print_data_axis(rows: list[dict]) -> None:
+    r0 = rows[0]
+    print(f"\nData axis: {r0['gpus']} GPUs = {r0['replicas']} replicas (one per node, across InfiniBand) x "
+          f"groups of {r0['p']} in a node; n = {r0['width']}, k = {r0['ghosts']}; PP/TP against FSDP2 x TP")
+    head = (f"{'side':>8} | {'ms':>8} {'group ms':>8} {'data ms':>8} {'exposed':>8} | {'model MiB':>9} "
+            f"{'data MiB':>9} | {'GiB/GPU':>7} | {'time':>6} {'energy':>6} {'bytes':>6} {'memory':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['side']:>8} | {r['time'] * 1e3:>8.3f} {r['group_time'] * 1e3:>8.3f} {r['data_comm'] * 1e3:>8.3f} "
+              f"{r['data_exposed'] * 1e3:>8.3f} | {r['model_bytes'] / 2**20:>9.2f} {r['data_bytes'] / 2**20:>9.2f} | "
+              f"{r['memory'] / 2**30:>7.3f} | {r['time_ratio']:>6.3f} {r['energy_ratio']:>6.3f} "
+              f"{r['bytes_ratio']:>6.3f} {r['memory_ratio']:>6.3f}")
+    print("data ms: the data-axis collectives' α–β time; exposed: what backward/forward compute does not hide;\n"
+          "bytes: model + data axis per GPU; memory: parameters + gradients + optimizer state per GPU.")
 
 
 def width(args, scaling: str, p: int) -> int:
@@ -231,18 +314,24 @@ def main(argv=None) -> None:
     parser.add_argument("--comm-power", type=float, default=0.45,
                         help="fraction of TDP while waiting on communication")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false")
+    parser.add_argument("--group", type=int, default=8, help="data-axis projection: phantom/TP group (8)")
+    parser.add_argument("--replicas", type=int, default=32, help="data-axis projection: replicas (32)")
     parser.add_argument("--calibrate", metavar="JSONL", help="output of benchmarks/pp_vs_tp.py --json")
     parser.add_argument("--out", default="projection.png", help="PNG to write (default projection.png)")
     parser.add_argument("--json", action="store_true", help="print the projection as JSON lines instead")
     args = parser.parse_args(argv)
+    if args.group < 1 or args.replicas < 1 or args.width % args.group:
+        parser.error(f"--group and --replicas must be >= 1 and --width divisible by --group; got --group "
+                     f"{args.group} --replicas {args.replicas} --width {args.width}")
     if not 0 < args.mfu <= 1:
         parser.error(f"--mfu must be in (0, 1], got {args.mfu}")
     gpu = GPUS[args.gpu]
     slowdown, calib_lines = calibrate(args.calibrate, args.ghosts) if args.calibrate else (1.0, [])
     model = Model(args, gpu, slowdown)
     rows = project(args, model, "fixed") + project(args, model, "sqrt")
+    data_rows = project_data_axis(args, model)
     if args.json:
-        for r in rows:
+        for r in rows + data_rows:
             print(json.dumps(r))
     else:
         print("Assumptions:")
@@ -266,6 +355,7 @@ def main(argv=None) -> None:
         print("comm% = exposed communication / step time; J = energy of all p GPUs; time, energy, FLOPs,\n"
               "bytes: PP/TP ratios (FLOPs and bytes per rank from the cost model; a hidden layer alone:\n"
               "1/p + p*k/n and p*k/n); GiB = parameters + gradients + optimizer state per GPU.")
+        print_data_axis(data_rows)
     title = (f"{gpu['name']}, MFU {args.mfu:.0%}, {args.rows} rows, k={args.ghosts}, {args.layers} hidden "
              f"layers, alpha {args.alpha_intra_us}/{args.alpha_inter_us} us"
              + (f", PP compute x{slowdown:.2f}" if slowdown != 1 else ""))

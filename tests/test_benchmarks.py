@@ -43,3 +43,56 @@ def test_gpu_script_takes_the_cluster_checks_steps(monkeypatch):
     monkeypatch.setitem(sys.modules, "gpu_cluster_checks", extra)
     assert [name for name, _ in gpu.all_steps()][-1] == "cluster"
     assert [name for name, _ in gpu.all_steps()][:4] == [name for name, _ in gpu.STEPS]
+
+
+def _data_axis_blocks(argv: list[str]) -> dict:
+    sys.path.insert(0, str(BENCHMARKS))
+    import data_axis
+
+    args = data_axis.parse_args(argv)
+    sizes = [args.d_in] + [args.width] * (args.layers + 1) + [args.d_out]
+    return {"sizes": sizes, "blocks": {side: [data_axis.run_block(side, sizes, args)] * (3 if side == "TP" else 1)
+                                       for side in data_axis.SIDES}}
+
+
+def test_data_axis_benchmark_counts_each_axis_as_the_cost_model_says(monkeypatch):
+    """benchmarks/data_axis.py's blocks on data(2) x model(2): bytes counted on each process group
+    and the memory each rank holds agree with phantom_cost/tp_cost and data_axis_cost."""
+    from conftest import run_ranks
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import data_axis
+
+    argv = ["--width", "64", "--ghosts", "4", "--steps", "1", "--warmup", "0", "--batch", "16"]
+    raw = run_ranks(4, _data_axis_blocks, argv)[0]
+    result = data_axis.summarise(raw["sizes"], raw["blocks"], data_axis.parse_args(argv))
+    for side in data_axis.SIDES:
+        measured, model = result["measured"][side], result["model"][side]
+        for key in ("model_bytes", "data_bytes", "memory"):
+            # FSDP2 pads a parameter's flat shard to a multiple of the replicas: a few bytes more.
+            assert abs(measured[key] - model[key]) <= 0.01 * model[key] + 64, (side, key, measured, model)
+        assert measured["model_bytes"] > 0 and measured["data_bytes"] > 0
+    ddp, fsdp = result["measured"]["PP ddp"], result["measured"]["PP fsdp"]
+    assert abs(fsdp["memory"] / ddp["memory"] - 0.5) < 0.02  # FSDP2 halves what each replica holds
+    assert abs(fsdp["data_bytes"] / ddp["data_bytes"] - 1.5) < 0.02  # 2 all-gathers + reduce-scatter
+    table = data_axis.table(result)
+    assert "PP fsdp" in table and "PP/TP" in table
+
+
+def test_data_axis_ratios_and_arguments(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import pytest
+
+    import data_axis
+
+    rows = {"TP": {"step_s": 2.0, "model_bytes": 100.0, "data_bytes": 300.0, "memory": 40.0},
+            "PP ddp": {"step_s": 1.0, "model_bytes": 10.0, "data_bytes": 90.0, "memory": 60.0}}
+    r = data_axis.ratios(rows)["PP ddp"]
+    assert r == {"step_s": 0.5, "model_bytes": 0.1, "data_bytes": 0.3, "total_bytes": 0.25, "memory": 1.5}
+    sizes = [64, 256, 256, 256, 1]
+    ddp, fsdp = (data_axis.predicted(s, sizes, 8, 32) for s in ("PP ddp", "PP fsdp"))
+    assert fsdp["memory"] == ddp["memory"] / 2 and fsdp["data_bytes"] == 1.5 * ddp["data_bytes"]
+    assert ddp["model_bytes"] == fsdp["model_bytes"] < data_axis.predicted("TP", sizes, 8, 32)["model_bytes"]
+    for bad in (["--width", "130"], ["--ghosts", "65", "--width", "128"], ["--steps", "0"]):
+        with pytest.raises(SystemExit):
+            data_axis.parse_args(bad)

@@ -150,6 +150,7 @@ class CommRecord:
     element_size: int  # bytes per element
     sent_bytes: Fraction
     phase: str  # "forward" or "backward" (see ``current_phase``)
+    ranks: tuple[int, ...] = ()  # global ranks of the process group: tells axes of equal size apart
 
     @property
     def payload_bytes(self) -> int:
@@ -175,10 +176,17 @@ class CommSummary:
         return Counter(r.op for r in self.records)
 
 
-def _record(op: str, api: str, tensor: torch.Tensor, group_size: int, kept_numel: int = 0) -> CommRecord:
+def _group_ranks(group) -> tuple[int, ...]:
+    try:
+        return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+    except (RuntimeError, ValueError):  # a group this rank does not know by handle
+        return ()
+
+
+def _record(op: str, api: str, tensor: torch.Tensor, group, group_size: int, kept_numel: int = 0) -> CommRecord:
     n, e = tensor.numel(), tensor.element_size()
     sent = ring_sent_bytes(op, group_size, n * e, kept_numel * e)
-    return CommRecord(op, api, group_size, n, e, sent, current_phase())
+    return CommRecord(op, api, group_size, n, e, sent, current_phase(), _group_ranks(group))
 
 
 def _kept_numel(tensor: torch.Tensor, input_splits: Optional[Iterable[int]], rank: int, size: int) -> int:
@@ -202,7 +210,7 @@ def _c10d_record(name: str, fn: Callable, args: tuple, kwargs: dict) -> list[Com
     kept = 0
     if op == "all_to_all":
         kept = _kept_numel(tensor, a.get("input_split_sizes"), dist.get_rank(group), size)
-    return [_record(op, f"dist.{name}", tensor, size, kept)]
+    return [_record(op, f"dist.{name}", tensor, group, size, kept)]
 
 
 def _counting(name: str, original: Callable) -> Callable:
@@ -245,7 +253,7 @@ def _functional_records(name: str, func, args: tuple, kwargs: dict) -> list[Comm
         kept = 0
         if op == "all_to_all":
             kept = _kept_numel(t, values.get("input_split_sizes"), group.rank(), size)
-        records.append(_record(op, api, t, size, kept))
+        records.append(_record(op, api, t, group, size, kept))
     return records
 
 
@@ -340,10 +348,13 @@ class CommCounter:
     def records(self) -> list[CommRecord]:
         return list(self._records)
 
-    def summary(self, phase: Optional[str] = None) -> CommSummary:
+    def summary(self, phase: Optional[str] = None, group=None) -> CommSummary:
+        """Totals of the records in ``phase`` (None: both) issued on ``group`` (None: any group)."""
         if phase not in (None, "forward", "backward"):
             raise ValueError(f"phase must be None, 'forward' or 'backward', got {phase!r}")
-        return CommSummary(tuple(r for r in self._records if phase is None or r.phase == phase))
+        ranks = None if group is None else _group_ranks(group)
+        return CommSummary(tuple(r for r in self._records if (phase is None or r.phase == phase)
+                                 and (ranks is None or r.ranks == ranks)))
 
     @property
     def sent_bytes(self) -> Fraction:
