@@ -89,25 +89,24 @@ def local_only():
     import lightning_phantom.nn.layers as layers
     import lightning_phantom.ops.operator as operator
 
-    done = SimpleNamespace(wait=lambda: None)
+    def gather(x, group, size):  # the other ranks' ghosts: zeros
+        return x.new_zeros((size * x.shape[0], *x.shape[1:]))
 
-    def gather(out, inp, group, async_op=False):
-        out.zero_()
-        return done
+    def scatter(x, group, size):
+        return x.new_zeros((x.shape[0] // size, *x.shape[1:]))
 
-    def scatter(out, inp, group, async_op=False):
-        out.zero_()
-        return done
+    def wait(x, dtype=None):
+        return x if dtype is None else x.to(dtype)
 
-    saved = (operator.all_gather_into, operator.reduce_scatter_into, layers.copy_to_phantom,
+    saved = (operator.start_all_gather, operator.start_reduce_scatter, operator.wait, layers.copy_to_phantom,
              layers.reduce_from_phantom, layers._Shard._check_group)
-    operator.all_gather_into, operator.reduce_scatter_into = gather, scatter
+    operator.start_all_gather, operator.start_reduce_scatter, operator.wait = gather, scatter, wait
     layers.copy_to_phantom = layers.reduce_from_phantom = lambda x, group: x
     layers._Shard._check_group = lambda self: None
     try:
         yield
     finally:
-        (operator.all_gather_into, operator.reduce_scatter_into, layers.copy_to_phantom,
+        (operator.start_all_gather, operator.start_reduce_scatter, operator.wait, layers.copy_to_phantom,
          layers.reduce_from_phantom, layers._Shard._check_group) = saved
 
 

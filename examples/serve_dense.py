@@ -33,7 +33,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from lightning_phantom import PhantomFFN, merge_shards, sharded_parameters, to_dense
+from lightning_phantom import PhantomFFN, merge_shards, to_dense
+from lightning_phantom.nn import sharded_parameters
 from lightning_phantom.app.data import DigitsDataModule, TeacherDataModule
 from lightning_phantom.app.module import FFNModule
 

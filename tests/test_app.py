@@ -294,7 +294,7 @@ def test_compare_sweep_gathers_one_table(tmp_path):
 BAD = [  # overrides, what stderr must say
     (["strategy=nope"], "Could not find 'strategy/nope'"),
     (["data=nope"], "Could not find 'data/nope'"),
-    (["model.width=16", "strategy.ghosts=9"], "strategy.ghosts=9 is too large for model.width=16"),
+    (["model.width=16", "strategy.ghosts=9"], "strategy.ghosts=9 does not fit model.width=16"),
     (["trainer.devices=3", "strategy.phantom_parallel_size=2"],
      "world size (3) is not divisible by phantom(2)"),
 ]
@@ -308,7 +308,7 @@ def test_bad_overrides_fail_before_any_process_starts(tmp_path):
         command = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}"]
         procs.append((run_dir, subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE, text=True), time.perf_counter()))
-    messages = [message for _, message in BAD] + ["strategy.ghosts=9 is too large for model.width=16"]
+    messages = [message for _, message in BAD] + ["strategy.ghosts=9 does not fit model.width=16"]
     for (run_dir, proc, start), message in zip(procs, messages):
         stdout, stderr = proc.communicate(timeout=120)
         elapsed = time.perf_counter() - start

@@ -59,7 +59,7 @@ def _get(cfg, dotted: str):
     ("compare.runs.1.overrides=['strategy=tp','trainer.devices=3']",
      "run 'tp-4' (compare.runs[1]): strategy=tp cannot shard"),
     ("compare.runs.0.overrides=['strategy=phantom','strategy.ghosts=9999']",
-     "run 'phantom-2' (compare.runs[0]): strategy.ghosts=9999 is too large"),
+     "run 'phantom-2' (compare.runs[0]): strategy.ghosts=9999 does not fit"),
     ("compare.runs.0.overrides=['strategy=nope']", "run 'phantom-2' (compare.runs[0])"),
     ("compare.runs.0.name=tp-4", "compare.runs[1].name='tp-4' must be unique"),
     ("compare.overrides=[7]", "compare.overrides must be a list of Hydra overrides"),

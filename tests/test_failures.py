@@ -250,23 +250,23 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_whole(programs, tmp_p
 
 
 def test_publish_replaces_whole_and_a_cut_between_renames_keeps_the_previous(tmp_path, monkeypatch):
-    from lightning_phantom import checkpoints
+    from lightning_phantom.strategy import storage
 
     path = tmp_path / "last.ckpt"
 
     def write(version: str) -> Path:
-        staging = checkpoints.staging_path(path)
+        staging = storage.staging_path(path)
         staging.mkdir()
         (staging / "meta.pt").write_text(version)
         return staging
 
     for version in ("v1", "v2"):  # RENAME_EXCHANGE here (Linux, ext4): one atomic swap
-        checkpoints.publish(write(version), path)
+        storage.publish(write(version), path)
         assert (path / "meta.pt").read_text() == version
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
     # Where the swap is not supported: old aside, new in. Power cut between the two renames.
-    monkeypatch.setattr(checkpoints, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
     rename, calls = os.rename, []
 
     def cut(a, b):
@@ -278,12 +278,12 @@ def test_publish_replaces_whole_and_a_cut_between_renames_keeps_the_previous(tmp
     monkeypatch.setattr(os, "rename", cut)
     staging = write("v3")
     with pytest.raises(OSError, match="power cut"):
-        checkpoints.publish(staging, path)
+        storage.publish(staging, path)
     monkeypatch.setattr(os, "rename", rename)
-    previous = checkpoints.previous_path(path)
+    previous = storage.previous_path(path)
     assert not path.exists() and (previous / "meta.pt").read_text() == "v2"  # the whole one, aside
     assert (staging / "meta.pt").read_text() == "v3"
-    checkpoints.publish(staging, path)  # the next save cleans up
+    storage.publish(staging, path)  # the next save cleans up
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and (path / "meta.pt").read_text() == "v3"
 
 

@@ -141,7 +141,8 @@ def _check_phantom(s: DictConfig, world: int, nodes: int, width: int, depth: int
         plan.check_names(["net"])  # the app's module has one FFN, `net`
         ffn = plan.for_ffn("net", sizes, p)
     except ValueError as e:
-        raise ConfigError(f"strategy.ghosts={given!r} on model.width={width}, phantom groups of {p}: {e}") from None
+        raise ConfigError(f"strategy.ghosts={given!r} does not fit model.width={width} on phantom groups of "
+                          f"{p}: {e}") from None
     return p, layout.data, list(ffn.ghosts)
 
 

@@ -131,11 +131,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines + notes)
 
 
-TERMINAL = (  # header, CSV key, format: the headline columns, to fit a 100-column terminal
-    ("ranks", "ranks", "s"), ("params", "params_model", "si"), ("MACs/step", "macs_per_step", "si"),
-    ("sent B/step", "sent_bytes_per_step", "si"), ("step ms", "step_ms_median", "g"),
-    ("J/step", "J_per_step_median", "g"), ("val loss", "final_val_loss", "g"),
-    ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),  # val acc: in the .md
+TERMINAL = (  # header, CSV key, format: the headline columns, to fit a 100-column terminal with
+    # room for the run's name; time to target, accuracy and the rest are in the .md/.csv/.json
+    ("ranks", "ranks", "s"), ("params", "params_model", "si"), ("MACs", "macs_per_step", "si"),
+    ("sent B", "sent_bytes_per_step", "si"), ("ms", "step_ms_median", "g"),
+    ("J", "J_per_step_median", "g"), ("val loss", "final_val_loss", "g"), ("J to target", "target_J", "g"),
 )
 TERMINAL_WIDTH = 100
 
@@ -170,8 +170,8 @@ def terminal_table(results: dict[str, dict]) -> str:
     meter = result_row(next(iter(results.values())))["meter"]
     target = next((r["target_loss"] for r in map(result_row, results.values()) if r["target_loss"] is not None),
                   None)
-    notes = [f"per rank and step; J: meter {meter}" + (" (an ESTIMATE)" if meter == "estimate" else "")
-             + f", all ranks; target: val_loss <= {target}"]
+    notes = ["MACs, sent B: per rank and step; ms: median step; J: per step, all ranks",
+             f"J: meter {meter}" + (" (an ESTIMATE)" if meter == "estimate" else "") + f"; target: val_loss <= {target}"]
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body] + notes)
 
 
@@ -241,7 +241,9 @@ def plot(results: dict[str, dict], path: Path, meter: str):
 
 
 def run_legend(label: str, result: dict) -> str:
-    """A run as the plots name it: its label, ranks and the parameters of the whole model."""
+    """A run as the plots name it: its label, ranks and the parameters of the whole model (where known)."""
+    if "world_size" not in result or "sizes" not in result:
+        return label
     return f"{label} ({result['world_size']} ranks, {_si(model_params(result))} params)"
 
 
