@@ -96,3 +96,10 @@ def test_data_axis_ratios_and_arguments(monkeypatch):
     for bad in (["--width", "130"], ["--ghosts", "65", "--width", "128"], ["--steps", "0"]):
         with pytest.raises(SystemExit):
             data_axis.parse_args(bad)
+
+
+def test_no_benchmark_shadows_a_standard_library_module():
+    """``python benchmarks/x.py`` puts benchmarks/ first on sys.path: a benchmarks/operator.py would
+    replace the standard library's ``operator`` for every script there (seen: gpu.py crashed)."""
+    clashes = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem in sys.stdlib_module_names)
+    assert not clashes, f"rename benchmarks/{clashes[0]}.py: it shadows the standard library's {clashes[0]}"

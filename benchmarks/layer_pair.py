@@ -1,7 +1,7 @@
 """One phantom layer against one Megatron tensor-parallel layer, forward + backward (issue 2).
 
-    python benchmarks/operator.py                       # p = 2, widths 1024 2048 4096, ghosts 8 32 128
-    python benchmarks/operator.py --widths 1024 --reps 5 --json
+    python benchmarks/layer_pair.py                       # p = 2, widths 1024 2048 4096, ghosts 8 32 128
+    python benchmarks/layer_pair.py --widths 1024 --reps 5 --json
 
 The script spawns its own ``p`` gloo processes (one thread each) and times, on the same
 run and alternating case by case:
