@@ -188,7 +188,7 @@ def _in_place_average(optimizer, layout, data_group, device) -> None:
 def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parallel: bool) -> dict:
     import lightning.pytorch as pl
 
-    import lightning_phantom.strategy.phantom as phantom_module
+    import lightning_phantom.strategy.data_parallel as phantom_module  # where DataAxis finds it
     from lightning_phantom.energy import EnergyMonitor
     from lightning_phantom.strategy import NonFiniteGuard, PhantomStrategy
 
