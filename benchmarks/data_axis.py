@@ -35,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overheads import join_process_group  # noqa: E402
 from pp_vs_tp import _dense_ffn, _loader, make_optimizer, state_bytes  # noqa: E402
 
 from lightning_phantom.cost.counting import CommCounter  # noqa: E402
@@ -188,21 +188,7 @@ def run_block(side: str, sizes, args) -> dict:
 
 def _worker(rank: int, args, port: int, out_path: str) -> None:
     world = DATA * MODEL
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0",
-        NODE_RANK="0", WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-        TORCHELASTIC_RUN_ID=f"data-axis-{port}", OMP_NUM_THREADS="1",
-    )
-    warnings.filterwarnings("ignore")
-    import logging
-
-    import lightning.pytorch  # noqa: F401  (creates its loggers, silenced next)
-
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("lightning"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_process_group(rank, world, port, f"data-axis-{port}")
     sizes = [args.d_in] + [args.width] * (args.layers + 1) + [args.d_out]
     blocks: dict[str, list] = {side: [] for side in SIDES}
     try:

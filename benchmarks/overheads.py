@@ -118,11 +118,12 @@ def launch(worker, nprocs: int, *args) -> list:
         os.unlink(out)
 
 
-def _entry(rank: int, world: int, port: int, out: str, worker, args) -> None:
+def join_process_group(rank: int, world: int, port: int, run_id: str) -> None:
+    """One rank of a benchmark: the launcher's environment, quiet Lightning loggers, one thread, gloo."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0",
         NODE_RANK="0", WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
-        TORCHELASTIC_RUN_ID=f"bench-{port}",
+        TORCHELASTIC_RUN_ID=run_id,
     )
     warnings.filterwarnings("ignore")
     import lightning.pytorch  # noqa: F401  (creates its loggers, silenced next)
@@ -132,6 +133,10 @@ def _entry(rank: int, world: int, port: int, out: str, worker, args) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _entry(rank: int, world: int, port: int, out: str, worker, args) -> None:
+    join_process_group(rank, world, port, f"bench-{port}")
     try:
         result = worker(rank, world, *args)
         if rank == 0:
