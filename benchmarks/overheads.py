@@ -23,6 +23,10 @@ Variants:
 * ``data-parallel average`` — only with ``--data-parallel``: 2 replicas of phantom(1); the
   strategy's bucketed average against a per-tensor in-place all-reduce of the same gradients.
 
+Every step, whatever the variant: the CPU time inside the all-reduce of replicated gradients
+(which also carries the guard's verdict) and, with ``--data-parallel``, inside the gradient
+buckets' hooks (flatten, start the all-reduce, write the mean back), as shares of a step.
+
 Per fit, not per step: the per-FFN cost line the strategy logs at set-up
 (``lightning_phantom.cost.model.summary``) is timed on its own and given in steps' worth.
 """
@@ -153,9 +157,10 @@ def _switched(cls):
     class Switched(cls):
         on = True
         spent = 0.0  # CPU seconds inside the switched hooks (this thread), while on
+        by_hook: dict = {}  # the same, per hook name (one instance per class)
 
-    for name in ("on_train_batch_end", "on_before_backward", "on_before_optimizer_step", "_gradient_ready",
-                 "on_after_backward"):
+    for name in ("on_train_batch_end", "on_before_backward", "on_before_optimizer_step", "on_after_backward",
+                 "local_verdict", "observe_bucket", "agree"):
         if hasattr(cls, name):
             def hook(self, *args, _name=name, **kwargs):
                 if self.on:
@@ -163,10 +168,28 @@ def _switched(cls):
                     try:
                         return getattr(cls, _name)(self, *args, **kwargs)
                     finally:
-                        self.spent += time.thread_time() - start
+                        took = time.thread_time() - start
+                        self.spent += took
+                        self.by_hook[_name] = self.by_hook.get(_name, 0.0) + took
             setattr(Switched, name, hook)
     Switched.__name__ = f"Switched{cls.__name__}"
     return Switched
+
+
+def _timed(owner, name: str, spent: dict, label: str):
+    """Wrap ``owner.name`` so that the CPU seconds (this thread) inside it add up in ``spent[label]``;
+    returns a function that puts the original back."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        start = time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[label] = spent.get(label, 0.0) + time.thread_time() - start
+
+    setattr(owner, name, timed)
+    return lambda: setattr(owner, name, original)
 
 
 def _max_abs_guard():
@@ -194,8 +217,17 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
     import lightning.pytorch as pl
 
     import lightning_phantom.strategy.data_parallel as phantom_module  # where DataAxis finds it
+    import lightning_phantom.strategy.phantom as strategy_module
     from lightning_phantom.energy import EnergyMonitor
     from lightning_phantom.strategy import NonFiniteGuard, PhantomStrategy
+    from lightning_phantom.strategy.grad_buckets import GradientBuckets
+
+    # What the strategy does every step whatever the variant: CPU time inside it, per step.
+    always: dict[str, float] = {}
+    restore = [_timed(strategy_module, "average_replicated_gradients", always, "replicated-gradient average")]
+    if data_parallel:
+        restore += [_timed(GradientBuckets, name, always, "data-parallel buckets")
+                    for name in ("_ready", "finish")]
 
     guard = _switched(NonFiniteGuard)()
     old = _switched(_max_abs_guard())()
@@ -203,8 +235,16 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
     bucketed = phantom_module.average_gradients
     variants = {"baseline": [], "guard": [guard], "guard, max-abs pass": [old], "energy": [energy]}
     if data_parallel:
-        variants = {"baseline": [], "data-parallel average: in place, per tensor": ["in-place"]}
+        variants = {"baseline": [], "data-parallel average: in place, per tensor": ["in-place"],
+                    "guard (summing in the buckets' pass)": [guard]}
     names = list(variants)
+    in_place_spent: dict[str, float] = {}
+
+    def timed_in_place(*args):
+        start = time.thread_time()
+        _in_place_average(*args)
+        in_place_spent["cpu"] = in_place_spent.get("cpu", 0.0) + time.thread_time() - start
+        return True
     wall: dict[str, list] = {v: [] for v in names}
     cpu: dict[str, list] = {v: [] for v in names}
     order: list[tuple[str, float, float]] = []
@@ -215,7 +255,13 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
             for cb in (guard, old, energy):
                 cb.on = cb in variants[self.variant]
             in_place = "in-place" in variants[self.variant]
-            phantom_module.average_gradients = _in_place_average if in_place else bucketed
+            phantom_module.average_gradients = timed_in_place if in_place else bucketed
+            axis = trainer.strategy.data_axis
+            if batch_idx == 0:
+                self.buckets = axis.buckets
+            if self.buckets is not None:  # the in-place variant: no buckets at all for the step
+                self.buckets.sync = not in_place
+                axis.buckets = None if in_place else self.buckets
             self.t, self.c = time.perf_counter(), time.thread_time()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -229,6 +275,8 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
                          default_root_dir=tempfile.mkdtemp(prefix="overheads-"))  # energy_summary.json
     trainer.fit(user_module(width), user_data(steps))
     phantom_module.average_gradients = bucketed
+    for undo in restore:
+        undo()
     warm = len(names) * 2  # the first two cycles warm up
     times = torch.tensor([[w, c] for _, w, c in order], dtype=torch.float64)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
@@ -251,8 +299,16 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
     log_s = time.perf_counter() - start
     # CPU time inside each feature's own hooks per step it was on (warm-up included): robust to load
     on_steps = {v: sum(1 for o, _, _ in order if o == v) for v in names}
+    bucket_steps = sum(n for v, n in on_steps.items() if "in-place" not in variants[v])  # steps with buckets
     in_hooks = {v: sum(cb.spent for cb in variants[v] if hasattr(cb, "spent")) / on_steps[v] for v in names}
+    for v in names:
+        if "in-place" in variants[v]:
+            in_hooks[v] = in_place_spent.get("cpu", 0.0) / on_steps[v]
+    by_hook = {v: {h: t / on_steps[v] for cb in variants[v] for h, t in getattr(cb, "by_hook", {}).items()}
+               for v in names}
     return {"width": width, "steps_per_variant": len(wall["baseline"]), "data_parallel": data_parallel,
+            "by_hook": by_hook, "always": {label: t / bucket_steps if "buckets" in label else t / len(order)
+                                           for label, t in always.items()},
             "wall": wall, "cpu": cpu, "paired": paired, "in_hooks": in_hooks, "cost_log_s": log_s}
 
 
@@ -267,6 +323,10 @@ def table(result: dict) -> list[dict]:
                      "in_hooks_ms": 1e3 * hooks, "in_hooks_pct": 100 * hooks / base_cpu,
                      "cost_pct": 100 * (wall / base_wall - 1), "paired_pct": 100 * statistics.median(paired) / base_wall,
                      "cpu_cost_pct": 100 * (cpu / base_cpu - 1), "steps": len(times)})
+    for label, spent in result["always"].items():
+        rows.append({"width": result["width"], "variant": f"{label} (every step)", "step_ms": None, "cpu_ms": None,
+                     "in_hooks_ms": 1e3 * spent, "in_hooks_pct": 100 * spent / base_cpu, "cost_pct": None,
+                     "paired_pct": None, "cpu_cost_pct": None, "steps": len(result["wall"]["baseline"])})
     rows.append({"width": result["width"], "variant": "cost log line (per fit)", "step_ms": 1e3 * result["cost_log_s"],
                  "cpu_ms": None, "cost_pct": 100 * result["cost_log_s"] / base_wall, "paired_pct": None,
                  "in_hooks_ms": None, "in_hooks_pct": None,
@@ -285,13 +345,15 @@ def print_table(rows: list[dict]) -> None:
 
     for r in rows:
         cpu = f"{r['cpu_ms']:7.1f}" if r["cpu_ms"] is not None else f"{'-':>7}"
+        step = f"{r['step_ms']:8.1f}" if r["step_ms"] is not None else f"{'-':>8}"
         hooks = f"{r['in_hooks_ms']:8.2f}" if r["in_hooks_ms"] is not None else f"{'-':>8}"
-        print(f"{r['width']:>5} {r['variant']:<44} {r['step_ms']:8.1f} {pct(r['cost_pct'])} {pct(r['paired_pct'])} | "
+        print(f"{r['width']:>5} {r['variant']:<44} {step} {pct(r['cost_pct'])} {pct(r['paired_pct'])} | "
               f"{cpu} {pct(r['cpu_cost_pct'])} | {hooks} {pct(r['in_hooks_pct'])}")
     print("step ms: median step time of the variant (slowest rank); cost: against the baseline's median; paired:\n"
           "median of (step - the baseline steps of the cycles before and after); CPU: the main thread's CPU time.\n"
           "in hooks: CPU ms per step inside the feature's own hooks (the guard's gradient sums included), and its\n"
           "share of the baseline's CPU step: the least noisy figure on a shared machine.\n"
+          "(every step): CPU ms per step inside what the strategy always does, as a share of the CPU step.\n"
           "The cost log line runs once per fit: its 'cost' is its time as a share of one step.")
 
 

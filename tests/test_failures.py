@@ -26,6 +26,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 import lightning_phantom as lp
 import lightning_phantom.nn as lpnn
+from lightning_phantom.cost.counting import CommCounter
 from conftest import run_ranks
 from scripts.train import Batches, Regression, job
 
@@ -111,10 +112,13 @@ def saved_step(checkpoint: Path) -> int:
 
 # --------------------------------------------------------------------- non-finite
 class Poison(Callback):
-    """Makes the loss NaN (a NaN input) or one rank's gradient of ``net.2.compress`` Inf at ``step``."""
+    """Makes the loss NaN (a NaN input) or one rank's gradient of ``net.2.compress`` Inf at ``step``.
 
-    def __init__(self, kind: str, step: int) -> None:
-        self.kind, self.step = kind, step
+    The loss is poisoned on ``ranks`` (all by default), the gradient on rank 1.
+    """
+
+    def __init__(self, kind: str, step: int, ranks: Optional[list[int]] = None) -> None:
+        self.kind, self.step, self.ranks = kind, step, ranks
 
     def on_train_start(self, trainer, pl_module):
         def hook(grad):
@@ -127,17 +131,35 @@ class Poison(Callback):
             pl_module.net[2].compress.register_hook(hook)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.kind == "loss" and trainer.global_step == self.step:
+        if self.kind == "loss" and trainer.global_step == self.step and (
+                self.ranks is None or trainer.global_rank in self.ranks):
             batch[0][0, 0] = float("nan")
 
 
-def train_with_poison(tmp_dir: str, kind: str, step: int, detect: bool):
+class StepCollectives(Callback):
+    """The collectives each training step sends (forward, backward, averages, the guard)."""
+
+    def __init__(self) -> None:
+        self.steps: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.counter = CommCounter().__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counter.__exit__(None, None, None)
+        self.steps.append((dict(self.counter.calls), self.counter.payload_bytes))
+
+
+def train_with_poison(tmp_dir: str, kind: str, step: int, detect: bool, devices: int = 2,
+                      data_parallel: str = "ddp", ranks: Optional[list[int]] = None):
     L.seed_everything(0)
     model = Regression(optimizer="sgd", lr=0.1)
     loader = Batches(rows=64, batch_size=8, phantom=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(detect_non_finite=detect),
-                        max_steps=6, callbacks=[Poison(kind, step), checkpoint], logger=False,
+    collectives = StepCollectives()
+    strategy = lp.PhantomStrategy(phantom_parallel_size=2, data_parallel=data_parallel, detect_non_finite=detect)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy,
+                        max_steps=6, callbacks=[Poison(kind, step, ranks), checkpoint, collectives], logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     loader.trainer = trainer
     error = None
@@ -147,11 +169,11 @@ def train_with_poison(tmp_dir: str, kind: str, step: int, detect: bool):
         error = {"message": str(e), "step": e.step, "ranks": e.ranks, "tensors": e.tensors}
     finite = all(torch.isfinite(p).all() for p in model.parameters())
     guards = [type(c).__name__ for c in trainer.callbacks if isinstance(c, lp.NonFiniteGuard)]
-    return error, finite, trainer.global_step, guards
+    return error, finite, trainer.global_step, guards, collectives.steps
 
 
 def test_nan_loss_stops_every_rank_before_the_step_and_its_checkpoint(tmp_path):
-    for error, finite, step, guards in run_ranks(2, train_with_poison, str(tmp_path / "on"), "loss", 3, True):
+    for error, finite, step, guards, _ in run_ranks(2, train_with_poison, str(tmp_path / "on"), "loss", 3, True):
         assert guards == ["NonFiniteGuard"]  # added by PhantomStrategy by default
         assert error is not None and error["step"] == 3 and step == 3
         assert error["ranks"] == [0, 1]  # one phantom group, one batch: both ranks see the NaN loss
@@ -164,17 +186,43 @@ def test_nan_loss_stops_every_rank_before_the_step_and_its_checkpoint(tmp_path):
     assert written == ["step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]  # nothing for the bad step
 
     # Without the guard the same run goes on and checkpoints NaN weights.
-    for error, finite, step, guards in run_ranks(2, train_with_poison, str(tmp_path / "off"), "loss", 3, False):
+    for error, finite, step, guards, _ in run_ranks(2, train_with_poison, str(tmp_path / "off"), "loss", 3, False):
         assert error is None and guards == [] and step == 6 and not finite
     assert "step=4.ckpt" in {p.name for p in (tmp_path / "off").iterdir()}
 
 
 def test_inf_gradient_on_one_rank_stops_all_and_names_it(tmp_path):
-    for error, finite, step, _ in run_ranks(2, train_with_poison, str(tmp_path), "gradient", 2, True):
+    for error, finite, step, _, _ in run_ranks(2, train_with_poison, str(tmp_path), "gradient", 2, True):
         assert error["step"] == 2 and step == 2 and finite
         assert error["ranks"] == [1] and error["tensors"] == {1: ["net.2.compress"]}  # rank 0 stops too
         assert "Non-finite gradient at global step 2" in error["message"]
         assert "rank 1: gradient of net.2.compress (max |grad| = inf)" in error["message"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=1.ckpt", "step=2.ckpt"]
+
+
+def test_the_guard_sends_no_collective_of_its_own(tmp_path):
+    # Its verdict rides in the all-reduce of replicated gradients: the same calls, one float32 more.
+    on = run_ranks(2, train_with_poison, str(tmp_path / "on"), "none", 0, True)
+    off = run_ranks(2, train_with_poison, str(tmp_path / "off"), "none", 0, False)
+    for (_, _, _, guards, with_guard), (_, _, _, _, without) in zip(on, off):
+        assert guards == ["NonFiniteGuard"] and len(with_guard) == len(without) == 6
+        for (calls, payload), (calls_off, payload_off) in zip(with_guard, without):
+            assert calls == calls_off and calls["all_reduce"] >= 1
+            assert payload - payload_off == 4
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_nan_in_one_replica_stops_every_replica(tmp_path, mode):
+    # data(2) x phantom(2): only the replica of ranks 2 and 3 gets a NaN input. Its verdict reaches
+    # the other replica through one all-reduce over the data axis, and all four ranks stop.
+    for error, finite, step, _, _ in run_ranks(4, train_with_poison, str(tmp_path), "loss", 2, True, 4, mode, [2, 3],
+                                               timeout=300):
+        assert error is not None and error["step"] == 2 and step == 2 and finite
+        assert sorted(r for r, names in error["tensors"].items() if "loss" in names) == [2, 3]
+        if mode == "ddp":  # judged before the data average spreads the NaN to the other replica
+            assert error["ranks"] == [2, 3]
+        else:  # FSDP reduce-scatters gradients during backward: the NaN is everywhere by the check
+            assert error["ranks"] == [0, 1, 2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step=1.ckpt", "step=2.ckpt"]
 
 

@@ -158,8 +158,9 @@ class DataAxis:
                 self.buckets.sync = True
 
 
-def average_replicated_gradients(optimizer: Optimizer, module: nn.Module, layout: PhantomLayout,
-                                 phantom_group: dist.ProcessGroup) -> None:
+def average_replicated_gradients(optimizer: Optimizer, sharded: set[int], layout: PhantomLayout,
+                                 phantom_group: dist.ProcessGroup,
+                                 verdict: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Gradients of the parameters every phantom rank holds a copy of become their mean over the group.
 
     Those copies (biases after a phantom layer, anything outside the FFNs) compute the same
@@ -168,19 +169,27 @@ def average_replicated_gradients(optimizer: Optimizer, module: nn.Module, layout
     checkpoint keeps one of them). Megatron all-reduces the gradients of parameters replicated
     over tensor-parallel ranks for the same reason. They are small, so this is one bucketed
     all-reduce per step. The copies are assumed to have gradients on the same ranks: they run
-    the same code on the same batch.
+    the same code on the same batch. ``sharded`` holds the ``id`` of every parameter split over
+    the group (``sharded_parameters``, taken once: walking the modules every step cost as much
+    as the all-reduce).
+
+    ``verdict`` (``NonFiniteGuard.local_verdict``: 0 or 1) rides in the same buffer, so the
+    guard costs no collective of its own; it comes back as its mean over the group, nonzero
+    if it was on any rank.
     """
     if layout.phantom == 1:
-        return
-    sharded = {id(p) for p in sharded_parameters(module)}
+        return verdict
     # Under FSDP a replicated parameter of an FFN is a DTensor over the data axis: the ranks of
     # one phantom group share a data coordinate, so their local parts are copies of each other.
     grads = [local(p.grad) for g in optimizer.param_groups for p in g["params"]
              if p.grad is not None and id(p) not in sharded]
+    if verdict is not None:  # in the gradients' dtype, to share their buffer (a mean of 0s and 1s: nonzero stays so)
+        verdict = verdict.to(grads[0].dtype if grads else verdict.dtype)
 
     def average(flat: torch.Tensor) -> None:
         dist.all_reduce(flat, group=phantom_group)
         flat.div_(layout.phantom)
 
     with torch.no_grad():
-        coalesced(grads, average)
+        coalesced(grads + ([verdict] if verdict is not None else []), average)
+    return verdict

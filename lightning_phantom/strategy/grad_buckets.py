@@ -2,11 +2,23 @@
 
 As DDP's reducer does: parameters are put in buckets in reverse order of registration
 (roughly the order backward produces their gradients); a hook after each gradient's
-accumulation counts it, and once every gradient of the next bucket is in, that bucket is
-flattened and its all-reduce over the data-parallel group starts (asynchronously) while
-backward goes on. ``finish`` waits for them and writes the means back before the optimizer
-step, clipping and the non-finite check. Buckets start in the same order on every replica,
-so the collectives line up. Nothing is sent while gradients accumulate (``sync=False``).
+accumulation counts it, and once every gradient of the next bucket is in, that bucket's
+all-reduce over the data-parallel group starts (asynchronously) while backward goes on.
+``finish`` waits for them before the optimizer step and clipping. Buckets start in the same
+order on every replica, so the collectives line up. Nothing is sent while gradients
+accumulate (``sync=False``).
+
+Each gradient is read and written once, divided by the number of replicas (the mean is the
+sum of the divided parts) on its way:
+
+* a large gradient (``IN_PLACE_NUMEL`` elements or more) is a bucket of its own, divided and
+  all-reduced in place: copying it would cost more than the collective's fixed latency saves;
+* small ones are copied, divided, into one flat buffer per bucket, kept across steps, and
+  become views of it once averaged (as DDP's ``gradient_as_bucket_view``): no copy back.
+
+``observe(params, values)``, if set, sees each bucket's divided local values just before
+its all-reduce starts, while they are in cache: ``NonFiniteGuard`` sums them there instead
+of reading the gradients again.
 
 Overlap needs every parameter to get a gradient on every replica at every step (as DDP
 without ``find_unused_parameters``). The first step therefore averages synchronously
@@ -16,13 +28,15 @@ step does the same, and a parameter that stops getting gradients later is an err
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_phantom.ops.comm import BUCKET_NUMEL
+
+IN_PLACE_NUMEL = 1 << 20  # 4 MiB of float32: copying it costs more than an all-reduce's latency
 
 
 class GradientBuckets:
@@ -34,14 +48,20 @@ class GradientBuckets:
         self.armed = False  # set after a first synchronous step found every gradient present
         self.sync = True
         self.buckets: list[list[nn.Parameter]] = []
+        self.observe: Optional[Callable[[list[nn.Parameter], Tensor], None]] = None
         numel, kind = 0, None
         for p in reversed(list(dict.fromkeys(params))):  # backward meets the last layers first
+            if p.numel() >= IN_PLACE_NUMEL:
+                self.buckets.append([p])
+                numel, kind = bucket_numel, None  # nothing joins it
+                continue
             if not self.buckets or numel + p.numel() > bucket_numel or (p.dtype, p.device) != kind:
                 self.buckets.append([])
                 numel, kind = 0, (p.dtype, p.device)
             self.buckets[-1].append(p)
             numel += p.numel()
         self._bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
+        self._flats: dict[int, Tensor] = {}  # id(bucket) -> its flat buffer, once allocated
         self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self._bucket_of_params()]
         self._reset()
 
@@ -58,11 +78,31 @@ class GradientBuckets:
             return
         self._waiting[self._bucket_of[id(param)]] -= 1
         while self._next < len(self.buckets) and self._waiting[self._next] == 0:
-            grads = [p.grad for p in self.buckets[self._next]]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            work = dist.all_reduce(flat, group=self.data_group, async_op=True)
-            self._pending.append((work, flat, grads))
+            params = self.buckets[self._next]
+            work, flat = self._start(params)
+            self._pending.append((work, flat, params))
             self._next += 1
+
+    def _start(self, params: list[nn.Parameter]) -> tuple[dist.Work, Tensor]:
+        """The bucket's gradients divided by the replicas (in place, or as they are copied into its
+        buffer), shown to ``observe``, and their all-reduce, started."""
+        grads = [p.grad for p in params]
+        if len(params) == 1 and params[0].numel() >= IN_PLACE_NUMEL and grads[0].is_contiguous():
+            flat = grads[0].div_(self.data)
+            if self.observe is not None:
+                self.observe(params, flat)
+            return dist.all_reduce(flat, group=self.data_group, async_op=True), flat
+        flat = self._flats.get(id(params))
+        if flat is None:  # kept across steps: a fresh one costs page faults every step
+            flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
+            self._flats[id(params)] = flat
+        offset = 0
+        for g in grads:
+            torch.div(g, self.data, out=flat[offset:offset + g.numel()].view(g.shape))
+            offset += g.numel()
+        if self.observe is not None:
+            self.observe(params, flat)
+        return dist.all_reduce(flat, group=self.data_group, async_op=True), flat
 
     def finish(self, synchronous_average: Callable[[], bool]) -> None:
         """Every gradient becomes its mean over the replicas; call after the last backward of the step.
@@ -82,11 +122,14 @@ class GradientBuckets:
                 "Give them requires_grad=False if they are never used, or keep their use the same each step."
             )
         with torch.no_grad():
-            for work, flat, grads in self._pending:
+            for work, flat, params in self._pending:
                 work.wait()
-                flat.div_(self.data)
-                for g, mean in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                    g.copy_(mean)
+                # The gradients become views of the bucket (as DDP's gradient_as_bucket_view): no
+                # copy back, and the local gradients' memory is freed. The next step overwrites
+                # the bucket: a reference to a gradient kept past its step sees the next one.
+                if flat is not params[0].grad:  # else averaged in place
+                    for p, mean in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
+                        p.grad = mean
         self._reset()
 
     def remove(self) -> None:

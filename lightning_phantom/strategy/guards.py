@@ -2,12 +2,14 @@
 
 ``NonFiniteGuard`` (a Lightning ``Callback``, added by ``PhantomStrategy`` unless
 ``detect_non_finite=False``) stops training when the loss or a gradient stops being
-finite. It checks each rank's own loss (``on_before_backward``) and gradients (a hook on
-each parameter as ``backward`` accumulates its gradient, before the data-parallel average
-spreads one rank's NaN to every replica), and decides in ``on_before_optimizer_step`` with
-one all-reduce of one integer per rank. Every rank then raises the same ``NonFiniteError`` together, so none is left
-waiting in a collective, and the optimizer step with the bad gradient never runs: the
-weights, and any checkpoint written after, stay those of the last good step.
+finite. After the last backward of a step, before any gradient is averaged, each rank
+sums its losses and each of its gradients (``local_verdict``): a sum is non-finite whenever
+one of its terms is. The strategy adds that one number per rank to the all-reduce of
+replicated gradients it sends every step anyway, so every rank learns whether any rank saw
+a NaN/Inf without a collective of its own. Every rank then raises the same
+``NonFiniteError`` together, so none is left waiting in a collective, and the optimizer step
+with the bad gradient never runs: the weights, and any checkpoint written after, stay those
+of the last good step.
 
 ``is_peer_failure`` recognises the errors a collective raises when a peer died or hung
 past the timeout; the strategy uses it to say so in words a user can act on.
@@ -29,8 +31,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning_phantom._checks import positive_int
 from lightning_phantom.ops.comm import local
 
-_LOSS, _GRADIENT = 1, 2  # bits of a rank's verdict
-
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/Inf; raised on every rank at the same step.
@@ -50,67 +50,39 @@ class NonFiniteGuard(Callback):
 
     Arguments:
         check_loss: check the loss handed to ``backward``.
-        check_gradients: check every parameter's gradient as ``backward`` accumulates it.
+        check_gradients: check the gradients of the parameters the optimizer steps.
             Skipped while a ``GradScaler`` is active (``precision="16-mixed"``): it expects inf
             gradients and skips those steps itself (on every rank, see ``strategy.precision``).
         max_names: parameters named per rank in the message (all are in ``error.tensors``).
 
-    Cost: per gradient, one ``sum`` taken by a post-accumulate-grad hook the moment ``backward``
-    has written it, while it is still in cache (a separate pass over the gradients afterwards
-    costs a memory sweep: ~3% of a CPU step at n = 4096, and ``torch._foreach_norm(inf)``, not
-    vectorised on CPU, ~25%); per optimizer step, one all-reduce of ``world_size`` integers.
-    A sum is non-finite whenever one of its terms is, so a finite sum clears its gradient; a
-    non-finite sum (a NaN/Inf, or finite values whose sum overflowed) is confirmed element by
-    element before it counts, so there are no false alarms.
+    Cost per optimizer step: one ``sum`` per gradient, one host sync, and no collective of its
+    own under ``PhantomStrategy`` (its verdict rides on the strategy's all-reduce of replicated
+    gradients; under another strategy, one all-reduce of one number). The sums are one
+    streaming read of the gradients: ~1.3% of a CPU step at n = 4096 and ~1.5% at n = 1024
+    (``benchmarks/overheads.py``); ``torch._foreach_norm(inf)``, not vectorised on CPU, cost
+    ~10x more. A sum is non-finite whenever one of its terms is, so a finite sum clears its
+    gradient; a non-finite one (a NaN/Inf, or finite values whose sum overflowed) is confirmed
+    element by element before it counts, so there are no false alarms.
     """
 
     def __init__(self, check_loss: bool = True, check_gradients: bool = True, max_names: int = 5) -> None:
         self.max_names = positive_int("max_names", max_names)
         self.check_loss, self.check_gradients = bool(check_loss), bool(check_gradients)
         self._batch_idx: Optional[int] = None
-        self._handles: list = []
-        self._names: dict[Tensor, str] = {}
-        self._reset()
-
-    def _reset(self) -> None:
-        # Since the last optimizer step: losses, and the sum of each gradient as last accumulated
-        # (a NaN/Inf survives accumulation, so the last sum covers every micro-batch). Kept on the
-        # device and judged once per step, so the hooks never wait for the accelerator.
-        self._losses: list[Tensor] = []
-        self._sums: dict[Tensor, Tensor] = {}
+        self._names: dict[int, str] = {}  # id(parameter) -> its name in the module
+        self._gradients = False  # check_gradients, and no GradScaler in charge of infs
+        self._losses: list[Tensor] = []  # since the last optimizer step
+        self._checked: Optional[tuple[Tensor, list[Tensor], list[list[Tensor]]]] = None  # (sums, losses, params)
+        self._agreed: Optional[Tensor] = None  # this step's verdict summed over every rank
+        self._seen: list[tuple[list[Tensor], Tensor]] = []  # (params, sum) of buckets seen this step
 
     # ------------------------------------------------------------------ hooks
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._remove_hooks()
-        self._reset()
-        if not self.check_gradients or _scaler_active(trainer):
-            return
         # After the strategy's setup: these are the parameters (shards) that train.
-        for name, param in pl_module.named_parameters():
-            if param.requires_grad:
-                self._names[param] = name
-                self._handles.append(param.register_post_accumulate_grad_hook(self._gradient_ready))
-
-    def _gradient_ready(self, param: Tensor) -> None:
-        self._sums[param] = _sum(param.grad)
-
-    @override
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._remove_hooks()
-
-    @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self._remove_hooks()  # on_train_end does not run after an error (ours included)
-
-    @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._names = [], {}
+        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._gradients = self.check_gradients and not _scaler_active(trainer)
+        self._losses, self._checked, self._agreed, self._seen = [], None, None, []
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
@@ -122,73 +94,99 @@ class NonFiniteGuard(Callback):
         if self.check_loss:
             self._losses.append(loss.detach())
 
+    def local_verdict(self, optimizer) -> Tensor:
+        """This rank's verdict on the coming step of ``optimizer``: 1.0 if a loss since the last
+        step or one of its gradients is not finite, else 0.0 (a 0-d float32 tensor; no host sync).
+
+        Take it after the last backward of the step and before any gradient is averaged, so
+        that one rank's NaN is named on that rank only; sum it over every rank and hand the sum
+        to ``agree``. ``PhantomStrategy`` does both; otherwise ``on_before_optimizer_step`` does.
+        """
+        seen, self._seen = self._seen, []
+        covered = {id(p) for params, _ in seen for p in params}
+        params = [[p] for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None and id(p) not in covered] if self._gradients else []
+        losses, self._losses = self._losses, []
+        values = [_sum(x) for x in losses] + [total for _, total in seen] + [_sum(p.grad) for p, in params]
+        sums = torch.stack(values) if values else torch.zeros(0)
+        self._checked = (sums, losses, [params for params, _ in seen] + params)
+        return torch.isfinite(sums.sum(dtype=torch.float64)).logical_not().float()
+
+    def observe_bucket(self, params: list[Tensor], values: Tensor) -> None:
+        """Sum a data-parallel bucket of ``params``' gradients (divided by the replicas) before its
+        all-reduce starts (``GradientBuckets.observe``); ``local_verdict`` then skips them."""
+        if self._gradients:
+            self._seen.append((params, _sum(values)))
+
+    def agree(self, verdict: Tensor) -> None:
+        """Take ``local_verdict`` summed over every rank (nonzero: some rank saw a NaN/Inf)."""
+        self._agreed = verdict
+
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
-        losses, sums = self._losses, self._sums
-        self._reset()
-        if self._names:
-            # A gradient that autograd did not accumulate (FSDP assigns the reduce-scattered shard
-            # after backward, so no hook fires for it) is summed here, in a pass of its own.
-            sums.update({p: _sum(p.grad) for p in self._names if p.grad is not None and p not in sums})
-        bad_loss = bool(losses) and not bool(torch.isfinite(torch.stack([x.float() for x in losses])).all())
-        bad_grads = self._confirmed(sums)
-        verdict = _LOSS * bad_loss + _GRADIENT * bool(bad_grads)
-        distributed = dist.is_available() and dist.is_initialized()
-        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-        verdicts = torch.zeros(world, dtype=torch.int32, device=trainer.strategy.root_device)
-        verdicts[rank] = verdict
-        if distributed and world > 1:
-            dist.all_reduce(verdicts)  # every rank learns every verdict: all stop, or none
-        if not verdicts.any():
+        verdict, self._agreed = self._agreed, None
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if verdict is None:  # not under PhantomStrategy: check and agree here
+            verdict = self.local_verdict(optimizer)
+            if distributed:
+                dist.all_reduce(verdict)
+        checked, self._checked = self._checked, None
+        if not verdict.item():  # the common path
             return
-        mine = _describe_local(losses, bad_grads)
-        every = [None] * world
-        if distributed and world > 1:  # the failure path only: names for the message
+        mine = self._describe_local(*checked) if checked is not None else {}
+        every = [None] * dist.get_world_size() if distributed else [mine]
+        if distributed:  # the failure path only: what each rank found, for the message
             dist.all_gather_object(every, mine)
-        else:
-            every = [mine]
-        raise self._error(trainer, verdicts.tolist(), every)
+        if any(every):
+            raise self._error(trainer, every)
+        # else: finite values whose sum overflowed; nothing to stop for
 
-    def _confirmed(self, sums: dict[Tensor, Tensor]) -> dict[str, float]:
-        """Name → max |grad| of every gradient that really holds a NaN/Inf (one host sync per step)."""
-        if not sums:
-            return {}
-        params = list(sums)
-        suspect = ~torch.isfinite(torch.stack(list(sums.values())))
-        if not suspect.any():  # the common path
-            return {}
-        found = {}
-        for param, flagged in zip(params, suspect.tolist()):
-            if flagged and param.grad is not None:
-                value = _max_abs([param.grad])[0].item()
+    def _describe_local(self, sums: Tensor, losses: list[Tensor], params: list[list[Tensor]]) -> dict:
+        """This rank's non-finite loss and gradients, confirmed element by element ({} if none).
+
+        ``sums`` holds one value per loss, then one per group of ``params`` (a bucket, or one).
+        """
+        found: dict = {}
+        flagged = (~torch.isfinite(sums)).tolist()
+        for x, bad in zip(losses, flagged):
+            if bad:
+                flat = x.float().flatten()
+                values = flat[~torch.isfinite(flat)]
+                if values.numel():
+                    found["loss"] = values[0].item()
+                    break
+        gradients = []
+        for group, bad in zip(params, flagged[len(losses):]):
+            for param in group if bad else []:
+                value = _max_abs(param.grad).item() if param.grad is not None else 0.0
                 if not math.isfinite(value):  # else the sum of finite values overflowed: no alarm
-                    found[self._names.get(param, "?")] = value
+                    gradients.append((self._names.get(id(param), "?"), value))
+        if gradients:
+            found["gradients"] = gradients
         return found
 
     # ---------------------------------------------------------------- message
-    def _error(self, trainer: "pl.Trainer", verdicts: list[int], every: list[Optional[dict]]) -> NonFiniteError:
+    def _error(self, trainer: "pl.Trainer", every: list[dict]) -> NonFiniteError:
         step = trainer.global_step
-        ranks = [r for r, v in enumerate(verdicts) if v]
+        ranks = [r for r, found in enumerate(every) if found]
         tensors: dict[int, list[str]] = {}
         lines = []
         for r in ranks:
-            found = every[r] or {"loss": None, "gradients": []}
-            what = []
-            if found["loss"] is not None:
-                what.append(f"loss = {found['loss']}")
-            grads = found["gradients"]
+            found = every[r]
+            what = [f"loss = {found['loss']}"] if "loss" in found else []
+            grads = found.get("gradients", [])
             if grads:
                 shown = ", ".join(f"{name} (max |grad| = {value})" for name, value in grads[:self.max_names])
                 more = f" and {len(grads) - self.max_names} more" if len(grads) > self.max_names else ""
                 what.append(f"gradient of {shown}{more}")
-            tensors[r] = (["loss"] if found["loss"] is not None else []) + [name for name, _ in grads]
+            tensors[r] = (["loss"] if "loss" in found else []) + [name for name, _ in grads]
             lines.append(f"  rank {r}: " + "; ".join(what))
-        kinds = " and ".join(k for k, bit in (("loss", _LOSS), ("gradient", _GRADIENT))
-                             if any(v & bit for v in verdicts))
+        kinds = " and ".join(kind for kind, key in (("loss", "loss"), ("gradient", "gradients"))
+                             if any(key in found for found in every if found))
         batch = "" if self._batch_idx is None else f", batch {self._batch_idx}"
         where = f"global step {step} (epoch {trainer.current_epoch}{batch})"
         message = (
-            f"Non-finite {kinds} at {where} on rank(s) {', '.join(map(str, ranks))} of {len(verdicts)}:\n"
+            f"Non-finite {kinds} at {where} on rank(s) {', '.join(map(str, ranks))} of {len(every)}:\n"
             + "\n".join(lines)
             + "\nTraining stopped on every rank before this optimizer step: the weights are those after the last "
             "good step, and no checkpoint holds the bad one. Check this batch's inputs and targets, lower the "
@@ -204,29 +202,21 @@ def _scaler_active(trainer: "pl.Trainer") -> bool:
 
 
 def _sum(grad: Tensor) -> Tensor:
-    """Sum of a gradient, as float32: NaN or ±Inf if any element is (or if finite ones overflow)."""
+    """Sum of a tensor, in float32 at least: NaN or ±Inf if any element is (or if finite ones overflow)."""
+    if type(grad) is Tensor and grad.layout == torch.strided and grad.dtype in _WIDE:  # the common case
+        return grad.sum()
     values = grad.coalesce().values() if grad.is_sparse else local(grad)  # FSDP: this rank's part
-    return values.sum(dtype=torch.float32) if values.element_size() < 4 else values.sum().float()
+    return values.sum(dtype=torch.float32) if values.element_size() < 4 else values.sum()
 
 
-def _max_abs(grads: list[Tensor]) -> Tensor:
-    """max |g| of each gradient, as one float32 vector: inf or NaN exactly where g has one (the
-    failure path: exact, and unlike a sum the max of finite values cannot overflow)."""
-    values = [g.coalesce().values() if g.is_sparse else local(g) for g in grads]
-    maxima = [v.abs().max() if v.numel() else v.new_zeros(()) for v in values]
-    return torch.stack([m.float().reshape(()) for m in maxima])
+_WIDE = (torch.float32, torch.float64)
 
 
-def _describe_local(losses: list[Tensor], gradients: dict[str, float]) -> dict:
-    """This rank's non-finite loss value and gradient names (the failure path: syncs freely)."""
-    bad_loss = None
-    for x in losses:
-        flat = x.float().flatten()
-        bad = flat[~torch.isfinite(flat)]
-        if bad.numel():
-            bad_loss = bad[0].item()
-            break
-    return {"loss": bad_loss, "gradients": list(gradients.items())}
+def _max_abs(grad: Tensor) -> Tensor:
+    """max |g| as float32: inf or NaN exactly where g has one (the failure path: exact, and unlike
+    a sum the max of finite values cannot overflow)."""
+    values = grad.coalesce().values() if grad.is_sparse else local(grad)
+    return values.abs().max().float() if values.numel() else values.new_zeros((), dtype=torch.float32)
 
 
 # ------------------------------------------------------------------ dead peers

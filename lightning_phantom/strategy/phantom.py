@@ -130,6 +130,8 @@ class PhantomStrategy(ParallelStrategy):
         self._timeout = check_timeout(timeout)
         self.data_axis = DataAxis(data_parallel)
         self._detect_non_finite = bool(detect_non_finite)
+        self._guard: Optional[NonFiniteGuard] = None
+        self._sharded: set[int] = set()  # id() of the parameters split over the phantom group
         self._compile = compile_options(compile)
         if process_group_backend is not None and not isinstance(process_group_backend, str):
             raise ValueError(f"process_group_backend must be a name such as 'nccl' or 'gloo', got "
@@ -275,6 +277,7 @@ class PhantomStrategy(ParallelStrategy):
         sync_replicas(self.lightning_module, self.layout, self.data_parallel_group)
         sync_metrics_over(self.lightning_module, self.data_parallel_group)
         self.data_axis.shard(self.lightning_module, self.device_mesh["data_parallel"])
+        self._sharded = {id(p) for p in sharded_parameters(self.lightning_module)}  # FSDP's, if it sharded
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -282,6 +285,9 @@ class PhantomStrategy(ParallelStrategy):
             self.data_axis.attach(self.optimizers, self.layout, self.data_parallel_group)
             if self._detect_non_finite and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
                 trainer.callbacks.append(NonFiniteGuard())
+            self._guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+            if self._guard is not None and self.data_axis.buckets is not None:
+                self.data_axis.buckets.observe = self._guard.observe_bucket  # sums in the buckets' pass
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -311,8 +317,14 @@ class PhantomStrategy(ParallelStrategy):
             # After the last backward of the accumulation window; on_before_optimizer_step,
             # unscaling, clipping and the step all see the data-parallel mean.
             result = closure()
+            # The guard looks before any average, so that a NaN is named on the rank that made it.
+            verdict = self._guard.local_verdict(raw) if self._guard is not None else None
             self.data_axis.finish(raw, self.layout, self.data_parallel_group, self.root_device)
-            average_replicated_gradients(raw, self.lightning_module, self.layout, self.phantom_group)
+            verdict = average_replicated_gradients(raw, self._sharded, self.layout, self.phantom_group, verdict)
+            if verdict is not None:  # summed over the phantom group; the replicas' groups too:
+                if self.layout.data > 1:
+                    dist.all_reduce(verdict, group=self.data_parallel_group)
+                self._guard.agree(verdict)
             return result
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
