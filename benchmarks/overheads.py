@@ -366,6 +366,9 @@ def main(argv=None) -> None:
                         help="also measure the data-parallel average (2 replicas of phantom(1))")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.steps < 16:  # 4 variants: 2 cycles of warm-up, then at least 2 measured steps each
+        parser.error(f"--steps {args.steps} is too few: the variants take turns, 2 cycles warm up and each "
+                     "needs 2 measured steps for a median; use --steps 16 or more (the default is 64)")
     rows = []
     for width in args.widths:
         if width % 2:

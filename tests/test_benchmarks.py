@@ -103,3 +103,23 @@ def test_no_benchmark_shadows_a_standard_library_module():
     replace the standard library's ``operator`` for every script there (seen: gpu.py crashed)."""
     clashes = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem in sys.stdlib_module_names)
     assert not clashes, f"rename benchmarks/{clashes[0]}.py: it shadows the standard library's {clashes[0]}"
+
+
+def test_overheads_benchmark_times_every_feature_and_what_the_strategy_always_does():
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "overheads.py"), "--widths", "64", "--steps", "16",
+                           "--data-parallel", "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    variants = [r["variant"] for r in rows]
+    assert variants == ["baseline", "guard", "guard, max-abs pass", "energy",
+                        "replicated-gradient average (every step)", "cost log line (per fit)", "baseline",
+                        "data-parallel average: in place, per tensor", "guard (summing in the buckets' pass)",
+                        "data-parallel buckets (every step)", "replicated-gradient average (every step)"]
+    by_name = {r["variant"]: r for r in rows[:6]}
+    # each feature's hooks ran while it was on, and the strategy's all-reduce every step
+    for name in ("guard", "guard, max-abs pass", "energy", "replicated-gradient average (every step)"):
+        assert by_name[name]["in_hooks_ms"] > 0, name
+    assert rows[7]["in_hooks_ms"] > 0 and rows[8]["in_hooks_ms"] > 0 and rows[9]["in_hooks_ms"] > 0
+    assert subprocess.run([sys.executable, str(BENCHMARKS / "overheads.py"), "--steps", "6"], env=env,
+                          capture_output=True, text=True).returncode == 2  # too few steps: a clear refusal

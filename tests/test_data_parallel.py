@@ -139,3 +139,48 @@ def test_data_axis_bytes_match_the_cost_model(mode):
             assert rank["phases"] == {"backward"}  # started during backward, not after it
         else:  # gathered for forward, again for backward; gradients reduce-scattered once
             assert rank["calls"] == {"all_gather": 2, "reduce_scatter": 1}
+
+
+# ---------------------------------------------------------------- the buckets themselves
+SHAPES = ((40, 2), (3,), (5,))  # a large gradient (80 >= in_place_numel) and two small ones
+
+
+def buckets_over_two_replicas() -> dict:
+    """``GradientBuckets`` on 2 replicas (the data group is the world). Replica r's gradient of
+    parameter i is (i + 1)(r + 1) everywhere, so the mean is (i + 1) * 1.5 exactly."""
+    from lightning_phantom.strategy.grad_buckets import GradientBuckets
+
+    rank = torch.distributed.get_rank()
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in SHAPES]
+    index = {id(p): i for i, p in enumerate(params)}
+    buckets = GradientBuckets(params, None, 2, in_place_numel=64)
+    seen = []
+    buckets.observe = lambda ps, values: seen.append(([index[id(p)] for p in ps], values.clone()))
+    out = {"buckets": [[index[id(p)] for p in b] for b in buckets.buckets]}
+    for step in range(2):  # the first step is synchronous (here: a stand-in) and arms the buckets
+        sum((i + 1) * (rank + 1) * p.sum() for i, p in enumerate(params)).backward()
+        local = [p.grad for p in params]
+        buckets.finish(lambda: True)
+        if step == 1:
+            out["same_object"] = [p.grad is g for p, g in zip(params, local)]
+            out["base"] = [p.grad._base is not None and p.grad._base.data_ptr() for p in params]
+            out["grads"] = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+    out["seen"] = seen
+    buckets.remove()
+    return out
+
+
+def test_buckets_average_in_place_or_into_views_and_show_the_guard_local_values():
+    for rank, out in enumerate(run_ranks(2, buckets_over_two_replicas)):
+        assert out["buckets"] == [[2, 1], [0]]  # backward meets the last parameters first
+        for i, grad in enumerate(out["grads"]):
+            torch.testing.assert_close(grad, torch.full(SHAPES[i], (i + 1) * 1.5), rtol=0, atol=0)
+        assert out["same_object"] == [True, False, False]  # the large one in place, no copy
+        assert out["base"][1] == out["base"][2] and out["base"][1]  # the small ones: views of one buffer
+        # observe saw each bucket once, with this replica's own values divided by the replicas
+        assert [indices for indices, _ in out["seen"]] == [[2, 1], [0]]
+        for indices, values in out["seen"]:
+            want = torch.cat([torch.full(SHAPES[i], (i + 1) * (rank + 1) / 2).flatten() for i in indices])
+            torch.testing.assert_close(values.flatten(), want, rtol=0, atol=0)

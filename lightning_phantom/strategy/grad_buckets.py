@@ -43,15 +43,15 @@ class GradientBuckets:
     """Overlapped, bucketed all-reduce (mean) of ``params``' gradients over ``data_group``."""
 
     def __init__(self, params: list[nn.Parameter], data_group: dist.ProcessGroup, data: int,
-                 bucket_numel: int = BUCKET_NUMEL) -> None:
-        self.data_group, self.data = data_group, data
+                 bucket_numel: int = BUCKET_NUMEL, in_place_numel: int = IN_PLACE_NUMEL) -> None:
+        self.data_group, self.data, self.in_place_numel = data_group, data, in_place_numel
         self.armed = False  # set after a first synchronous step found every gradient present
         self.sync = True
         self.buckets: list[list[nn.Parameter]] = []
         self.observe: Optional[Callable[[list[nn.Parameter], Tensor], None]] = None
         numel, kind = 0, None
         for p in reversed(list(dict.fromkeys(params))):  # backward meets the last layers first
-            if p.numel() >= IN_PLACE_NUMEL:
+            if p.numel() >= in_place_numel:
                 self.buckets.append([p])
                 numel, kind = bucket_numel, None  # nothing joins it
                 continue
@@ -87,7 +87,7 @@ class GradientBuckets:
         """The bucket's gradients divided by the replicas (in place, or as they are copied into its
         buffer), shown to ``observe``, and their all-reduce, started."""
         grads = [p.grad for p in params]
-        if len(params) == 1 and params[0].numel() >= IN_PLACE_NUMEL and grads[0].is_contiguous():
+        if len(params) == 1 and params[0].numel() >= self.in_place_numel and grads[0].is_contiguous():
             flat = grads[0].div_(self.data)
             if self.observe is not None:
                 self.observe(params, flat)
