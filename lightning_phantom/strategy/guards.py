@@ -55,12 +55,14 @@ class NonFiniteGuard(Callback):
             gradients and skips those steps itself (on every rank, see ``strategy.precision``).
         max_names: parameters named per rank in the message (all are in ``error.tensors``).
 
-    Cost per optimizer step: one ``sum`` per gradient, one host sync, and no collective of its
-    own under ``PhantomStrategy`` (its verdict rides on the strategy's all-reduce of replicated
-    gradients; under another strategy, one all-reduce of one number). The sums are one
-    streaming read of the gradients: ~1.3% of a CPU step at n = 4096 and ~1.5% at n = 1024
+    Cost per optimizer step: one ``sum`` per gradient (with ``data_parallel="ddp"``, one per
+    bucket, taken in the buckets' own pass), one host sync, and under ``PhantomStrategy`` no
+    collective of its own on the phantom axis: its verdict rides on the strategy's all-reduce
+    of replicated gradients (with data-parallel replicas, plus one all-reduce of one number
+    over the data axis; under another strategy, one over the world). The sums are one
+    streaming read of the gradients: ~1.3% of a CPU step at n = 4096 and 1.7-1.9% at n = 1024
     (``benchmarks/overheads.py``); ``torch._foreach_norm(inf)``, not vectorised on CPU, cost
-    ~10x more. A sum is non-finite whenever one of its terms is, so a finite sum clears its
+    4-8x more. A sum is non-finite whenever one of its terms is, so a finite sum clears its
     gradient; a non-finite one (a NaN/Inf, or finite values whose sum overflowed) is confirmed
     element by element before it counts, so there are no false alarms.
     """
