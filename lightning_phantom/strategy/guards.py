@@ -110,9 +110,10 @@ class NonFiniteGuard(Callback):
                   if p.grad is not None and id(p) not in covered] if self._gradients else []
         losses, self._losses = self._losses, []
         values = [_sum(x) for x in losses] + [total for _, total in seen] + [_sum(p.grad) for p, in params]
-        sums = torch.stack(values) if values else torch.zeros(0)
+        device = next((p.device for group in optimizer.param_groups for p in group["params"]), None)
+        sums = torch.stack(values) if values else torch.zeros(0, device=device)
         self._checked = (sums, losses, [params for params, _ in seen] + params)
-        return torch.isfinite(sums.sum(dtype=torch.float64)).logical_not().float()
+        return torch.isfinite(sums.sum()).logical_not().float()
 
     def observe_bucket(self, params: list[Tensor], values: Tensor) -> None:
         """Sum a data-parallel bucket of ``params``' gradients (divided by the replicas) before its
