@@ -176,19 +176,23 @@ def _switched(cls):
     return Switched
 
 
-def _timed(owner, name: str, spent: dict, label: str):
-    """Wrap ``owner.name`` so that the CPU seconds (this thread) inside it add up in ``spent[label]``;
-    returns a function that puts the original back."""
-    original = getattr(owner, name)
+def _timing(function, spent: dict, label: str):
+    """``function``, adding the CPU seconds (this thread) spent inside it to ``spent[label]``."""
 
     def timed(*args, **kwargs):
         start = time.thread_time()
         try:
-            return original(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
             spent[label] = spent.get(label, 0.0) + time.thread_time() - start
 
-    setattr(owner, name, timed)
+    return timed
+
+
+def _timed(owner, name: str, spent: dict, label: str):
+    """Replace ``owner.name`` by its ``_timing``; returns a function that puts the original back."""
+    original = getattr(owner, name)
+    setattr(owner, name, _timing(original, spent, label))
     return lambda: setattr(owner, name, original)
 
 
@@ -239,12 +243,7 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
                     "guard (summing in the buckets' pass)": [guard]}
     names = list(variants)
     in_place_spent: dict[str, float] = {}
-
-    def timed_in_place(*args):
-        start = time.thread_time()
-        _in_place_average(*args)
-        in_place_spent["cpu"] = in_place_spent.get("cpu", 0.0) + time.thread_time() - start
-        return True
+    timed_in_place = _timing(_in_place_average, in_place_spent, "cpu")
     wall: dict[str, list] = {v: [] for v in names}
     cpu: dict[str, list] = {v: [] for v in names}
     order: list[tuple[str, float, float]] = []
@@ -324,7 +323,8 @@ def table(result: dict) -> list[dict]:
                      "cost_pct": 100 * (wall / base_wall - 1), "paired_pct": 100 * statistics.median(paired) / base_wall,
                      "cpu_cost_pct": 100 * (cpu / base_cpu - 1), "steps": len(times)})
     for label, spent in result["always"].items():
-        rows.append({"width": result["width"], "variant": f"{label} (every step)", "step_ms": None, "cpu_ms": None,
+        rows.append({"width": result["width"], "variant": f"{label} (every step)", "step_ms": None,
+                     "cpu_ms": None,
                      "in_hooks_ms": 1e3 * spent, "in_hooks_pct": 100 * spent / base_cpu, "cost_pct": None,
                      "paired_pct": None, "cpu_cost_pct": None, "steps": len(result["wall"]["baseline"])})
     rows.append({"width": result["width"], "variant": "cost log line (per fit)", "step_ms": 1e3 * result["cost_log_s"],

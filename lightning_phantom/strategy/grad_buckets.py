@@ -61,7 +61,7 @@ class GradientBuckets:
             self.buckets[-1].append(p)
             numel += p.numel()
         self._bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
-        self._flats: dict[int, Tensor] = {}  # id(bucket) -> its flat buffer, once allocated
+        self._flats: list[Optional[Tensor]] = [None] * len(self.buckets)  # each bucket's, once allocated
         self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self._bucket_of_params()]
         self._reset()
 
@@ -79,30 +79,28 @@ class GradientBuckets:
         self._waiting[self._bucket_of[id(param)]] -= 1
         while self._next < len(self.buckets) and self._waiting[self._next] == 0:
             params = self.buckets[self._next]
-            work, flat = self._start(params)
+            flat = self._divided(self._next)
+            if self.observe is not None:
+                self.observe(params, flat)
+            work = dist.all_reduce(flat, group=self.data_group, async_op=True)
             self._pending.append((work, flat, params))
             self._next += 1
 
-    def _start(self, params: list[nn.Parameter]) -> tuple[dist.Work, Tensor]:
-        """The bucket's gradients divided by the replicas (in place, or as they are copied into its
-        buffer), shown to ``observe``, and their all-reduce, started."""
-        grads = [p.grad for p in params]
-        if len(params) == 1 and params[0].numel() >= self.in_place_numel and grads[0].is_contiguous():
-            flat = grads[0].div_(self.data)
-            if self.observe is not None:
-                self.observe(params, flat)
-            return dist.all_reduce(flat, group=self.data_group, async_op=True), flat
-        flat = self._flats.get(id(params))
+    def _divided(self, bucket: int) -> Tensor:
+        """The bucket's gradients divided by the replicas: in place for a large one, else as they
+        are copied into the bucket's buffer."""
+        grads = [p.grad for p in self.buckets[bucket]]
+        if len(grads) == 1 and grads[0].numel() >= self.in_place_numel and grads[0].is_contiguous():
+            return grads[0].div_(self.data)
+        flat = self._flats[bucket]
         if flat is None:  # kept across steps: a fresh one costs page faults every step
-            flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
-            self._flats[id(params)] = flat
+            flat = self._flats[bucket] = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype,
+                                                     device=grads[0].device)
         offset = 0
         for g in grads:
             torch.div(g, self.data, out=flat[offset:offset + g.numel()].view(g.shape))
             offset += g.numel()
-        if self.observe is not None:
-            self.observe(params, flat)
-        return dist.all_reduce(flat, group=self.data_group, async_op=True), flat
+        return flat
 
     def finish(self, synchronous_average: Callable[[], bool]) -> None:
         """Every gradient becomes its mean over the replicas; call after the last backward of the step.
@@ -128,7 +126,8 @@ class GradientBuckets:
                 # copy back, and the local gradients' memory is freed. The next step overwrites
                 # the bucket: a reference to a gradient kept past its step sees the next one.
                 if flat is not params[0].grad:  # else averaged in place
-                    for p, mean in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
+                    means = torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])
+                    for p, mean in zip(params, means):
                         p.grad = mean
         self._reset()
 

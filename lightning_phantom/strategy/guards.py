@@ -74,7 +74,8 @@ class NonFiniteGuard(Callback):
         self._names: dict[int, str] = {}  # id(parameter) -> its name in the module
         self._gradients = False  # check_gradients, and no GradScaler in charge of infs
         self._losses: list[Tensor] = []  # since the last optimizer step
-        self._checked: Optional[tuple[Tensor, list[Tensor], list[list[Tensor]]]] = None  # (sums, losses, params)
+        # This step's (sums, losses, parameter groups) as local_verdict took them, for the message.
+        self._checked: Optional[tuple[Tensor, list[Tensor], list[list[Tensor]]]] = None
         self._agreed: Optional[Tensor] = None  # this step's verdict summed over every rank
         self._seen: list[tuple[list[Tensor], Tensor]] = []  # (params, sum) of buckets seen this step
 
@@ -110,8 +111,11 @@ class NonFiniteGuard(Callback):
                   if p.grad is not None and id(p) not in covered] if self._gradients else []
         losses, self._losses = self._losses, []
         values = [_sum(x) for x in losses] + [total for _, total in seen] + [_sum(p.grad) for p, in params]
-        device = next((p.device for group in optimizer.param_groups for p in group["params"]), None)
-        sums = torch.stack(values) if values else torch.zeros(0, device=device)
+        if values:
+            sums = torch.stack(values)
+        else:  # nothing to check: an empty vector where the parameters live
+            devices = (p.device for group in optimizer.param_groups for p in group["params"])
+            sums = torch.zeros(0, device=next(devices, None))
         self._checked = (sums, losses, [params for params, _ in seen] + params)
         return torch.isfinite(sums.sum()).logical_not().float()
 
