@@ -92,13 +92,9 @@ class Overflow(Callback):
         self.moved: list[bool] = []
 
     def on_train_start(self, trainer, pl_module):
-        def hook(grad):
-            if trainer.global_step == self.step and trainer.global_rank == 1:
-                grad = grad.clone()
-                grad.view(-1)[0] = float("inf")
-            return grad
+        from scripts.train import inf_gradient_on_rank_1
 
-        pl_module.net[2].compress.register_hook(hook)
+        inf_gradient_on_rank_1(trainer, pl_module, self.step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._before = [p.detach().clone() for p in pl_module.parameters()]

@@ -28,7 +28,7 @@ import lightning_phantom as lp
 import lightning_phantom.nn as lpnn
 from lightning_phantom.cost.counting import CommCounter
 from conftest import run_ranks
-from scripts.train import Batches, Regression, job
+from scripts.train import Batches, Regression, inf_gradient_on_rank_1, job
 
 SCRIPT = Path(__file__).parent / "scripts" / "train.py"
 ROOT = Path(__file__).parent.parent
@@ -121,14 +121,8 @@ class Poison(Callback):
         self.kind, self.step, self.ranks = kind, step, ranks
 
     def on_train_start(self, trainer, pl_module):
-        def hook(grad):
-            if trainer.global_step == self.step and trainer.global_rank == 1:
-                grad = grad.clone()
-                grad.view(-1)[0] = float("inf")
-            return grad
-
         if self.kind == "gradient":
-            pl_module.net[2].compress.register_hook(hook)
+            inf_gradient_on_rank_1(trainer, pl_module, self.step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.kind == "loss" and trainer.global_step == self.step and (

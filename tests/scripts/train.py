@@ -104,6 +104,19 @@ class Regression(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def inf_gradient_on_rank_1(trainer: L.Trainer, model: Regression, step: int) -> None:
+    """From now on, rank 1's gradient of ``net.2.compress`` (its own shard) is Inf at global step
+    ``step``: a fault that one rank sees and the others do not."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if trainer.global_step == step and trainer.global_rank == 1:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("inf")
+        return grad
+
+    model.net[2].compress.register_hook(hook)
+
+
 def say(line: str) -> None:
     """One write per line, so lines of ranks sharing a pipe do not interleave."""
     sys.stdout.write(line + "\n")
