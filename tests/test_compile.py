@@ -2,7 +2,8 @@
 
 Every phantom layer kind is in the FFN: column-parallel first layer, phantom hidden
 layers (the fused operator with its ghost all-gather and reduce-scatter), row-parallel
-last layer. ``torch._dynamo.explain`` counts graph breaks; ``fullgraph=True`` would
+last layer, and sharded dropout between them (the ``aot_eager`` runs, whose random ops
+draw what eager draws from the same seed). ``torch._dynamo.explain`` counts graph breaks; ``fullgraph=True`` would
 raise on one. Compiling is slow on this machine's two cores, so shapes are tiny and the
 variants share one process pool: ``aot_eager`` (Dynamo + AOTAutograd: the traced forward
 and backward graphs, run op by op) covers p = 2 and 4 with overlap on and off; inductor
@@ -22,6 +23,9 @@ GHOSTS = [2, 3]
 
 
 def _step(model, x, params):
+    import torch
+
+    torch.manual_seed(1)  # the same dropout masks for eager and compiled (each draws the dense mask)
     x = x.detach().clone().requires_grad_(True)
     out = model(x)
     (out.square().sum() + out.sum()).backward()
@@ -44,7 +48,7 @@ def compiled_matches_eager(backend: str, overlaps, convert: bool = False):
                 torch.nn.Linear(SIZES[i], SIZES[i + 1]), torch.nn.GELU())][:-1])
             eager = to_phantom(dense, GHOSTS, overlap=overlap)
         else:
-            eager = PhantomFFN(SIZES, GHOSTS, activation="tanh", overlap=overlap)
+            eager = PhantomFFN(SIZES, GHOSTS, activation="tanh", dropout=0.25, overlap=overlap)
         compiled_module = copy.deepcopy(eager)
         x = torch.randn(3, 4, SIZES[0])  # leading dimensions (B × T × d) are kept
         explained = torch._dynamo.explain(compiled_module)(x.clone().requires_grad_(True))

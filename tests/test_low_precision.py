@@ -78,3 +78,25 @@ def test_partial_sums_in_float32_are_closer_to_float64():
             if acc == "float32":
                 before = errors[name, "bfloat16"]
                 assert error < 0.95 * before, f"rank {rank}, {name}: {error:.3g} in float32, {before:.3g} before"
+
+
+def rms_norm_under_autocast() -> float:
+    """Relative difference of a phantom FFN with RMSNorm (ghosts="full": exact) from the dense one,
+    both under bfloat16 autocast, on small activations (where an eps of bfloat16's 7.8e-3 instead
+    of float32's, nn.RMSNorm's default under bfloat16, changes the function)."""
+    import lightning_phantom as lp
+    from torch import nn
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 16, bias=False), nn.RMSNorm(16), nn.GELU(), nn.Linear(16, 16, bias=False),
+                          nn.RMSNorm(16), nn.GELU(), nn.Linear(16, 4))
+    ffn = lp.to_phantom(dense, ghosts="full")
+    x = 1e-3 * torch.randn(32, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = dense(x).float(), ffn(x).float()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def test_rms_norm_keeps_its_float32_eps_under_bfloat16():
+    for rank, error in enumerate(run_ranks(2, rms_norm_under_autocast)):
+        assert error < 0.03, f"rank {rank}: phantom differs from dense by {error:.1%} under bf16"

@@ -23,7 +23,7 @@ from lightning_phantom.nn.ghosts import resolve_ghosts
 from lightning_phantom.nn.layers import (
     ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard, leaf_layers,
 )
-from lightning_phantom.nn.dropout import ReplicatedDropout, ShardedDropout, _SeededDropout, draw_seed
+from lightning_phantom.nn.dropout import ShardedDropout
 from lightning_phantom.nn.norms import PHANTOM_NORMS, PhantomNorm, merge_norms, norm_refusal, shard_norm
 
 
@@ -168,18 +168,18 @@ def to_phantom(module: nn.Sequential, ghosts, group=None, init: str = "svd", ove
     ghost_iter = iter(resolve_ghosts(ghosts, [lin.in_features for lin in linears[1:-1]], info.size, "to_phantom"))
     leaves = leaf_layers(module)
     first, last = ([i for i, (_, m) in enumerate(leaves) if m is lin][0] for lin in (linears[0], linears[-1]))
-    sharded = {path for path, _ in leaves[first + 1:last]}  # activations split over the group
-    dropouts = [path for path, m in leaves if type(m) is nn.Dropout]
-    seed = draw_seed() if dropouts else 0  # one draw, so every rank's global stream stays in step
+    # Layers between the first and the last Linear see activations split over the group, of the
+    # width the Linear before them gives.
+    width, sharded = linears[0].out_features, {}
+    for path, m in leaves[first + 1:last]:
+        width = m.out_features if type(m) is nn.Linear else width
+        sharded[path] = width
 
     def convert(path: str, child: nn.Module) -> nn.Module:
         if type(child) in PHANTOM_NORMS and path in sharded:
             return shard_norm(child, info, fresh=init == "random")
-        if type(child) is nn.Dropout:
-            layer_seed = seed + 104729 * dropouts.index(path)
-            if path in sharded:
-                return ShardedDropout.for_rank(child.p, layer_seed, info)
-            return ReplicatedDropout(child.p, layer_seed)
+        if type(child) is nn.Dropout and path in sharded:  # elsewhere the tensor is whole: nn.Dropout as it is
+            return ShardedDropout(child.p, sharded[path], shard=info)
         return _convert_child(child, linears, ghost_iter, info, overlap, random=init == "random")
 
     return _rebuild(module, convert)
@@ -312,8 +312,8 @@ def merge_shards(shards: Sequence[PhantomFFN], m: int) -> list[PhantomFFN]:
                 return _assign(new, weight=torch.cat([parts[i].weight for i in own], dim=1), bias=layer.bias)
             if isinstance(layer, PhantomNorm):
                 return merge_norms(parts, own, info)
-            if isinstance(layer, ShardedDropout):  # the first merged rank's stream goes on
-                return _assign(layer.rebuild(info), rng=parts[own[0]].rng)
+            if isinstance(layer, ShardedDropout):
+                return layer.rebuild(info)
             return copy.deepcopy(layer)
 
         merged.append(_rebuild(shards[0], merge))
@@ -329,7 +329,7 @@ def _dense_sequential(ffn: PhantomFFN) -> nn.Sequential:
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                device=w.device, dtype=w.dtype)
             return _assign(linear, weight=w, bias=layer.bias)
-        if isinstance(layer, (PhantomNorm, _SeededDropout)):
+        if isinstance(layer, (PhantomNorm, ShardedDropout)):
             return layer.to_dense()
         return copy.deepcopy(layer)
 

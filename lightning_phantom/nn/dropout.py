@@ -1,96 +1,77 @@
-"""Dropout in a phantom FFN: independent masks for the shards, one mask for replicated tensors.
+"""Dropout of a sharded activation: this rank's slice of the dense model's mask.
 
-The ranks of a phantom group run the same program from the same seed, so ``nn.Dropout``
-between sharded layers would drop the same positions of every rank's shard: neuron j of
-rank 0 and neuron j of rank 1 would always be dropped together. Megatron-LM keeps a
-separate RNG state per tensor-parallel rank for this (its model-parallel RNG tracker);
-here each dropout layer owns its generator:
+Between the first and last Linear of a phantom FFN each rank holds n/p features of every row
+(and of a transformer stack's residual stream, or h/p of its attention heads). ``nn.Dropout``
+there would draw a mask for the local n/p features from torch's global RNG, which the ranks of
+a group keep in step (they run the same program from the same seed): feature j of rank 0 and
+feature j of rank 1 would always be dropped together.
 
-* ``ShardedDropout`` — between the first and last Linear: seeded per phantom rank.
-* ``ReplicatedDropout`` — before the first or after the last Linear, where every rank
-  holds the whole tensor: one seed for the group, so every rank drops the same positions
-  and the replicated tensor stays replicated.
+``ShardedDropout`` draws the mask of the whole activation, (rows × n), from the global RNG
+exactly as ``nn.Dropout`` on the dense activation does (on CPU, ``F.dropout`` is
+``empty_like(x).bernoulli_(1 − p)``, divided by 1 − p), and keeps this rank's slice. Every rank
+draws the same full mask and keeps a different part of it, so
 
-The generator state is a buffer ``rng = [seed, calls]``: it is part of the module's
-state dict, so a checkpoint saves it and a resumed run draws the masks it would have
-drawn. Seeds come from the global RNG when the layer is built, so ``seed_everything``
-makes them reproducible.
+* the masks of a group are those of the dense model: on CPU, from the same RNG state, a phantom
+  model at ``ghosts="full"`` computes in training mode what the dense model computes;
+* ``torch.utils.checkpoint`` (which restores the RNG state before it recomputes a forward)
+  redraws the same mask, so gradients under activation checkpointing are right;
+* there is no state: nothing is seeded when the layer is built (meta-device initialisation
+  works), nothing is in the state dict, ``torch.compile`` traces it like any dropout, and it
+  *is* an ``nn.Dropout``, so code that finds dropout by type (Monte-Carlo dropout, changing
+  ``p``) finds it. A resumed run draws the masks of the uninterrupted one when the RNG state is
+  restored with the weights (``PhantomStrategy``'s checkpoints save it).
+
+The price is p times the random numbers of a local mask: rows × n draws per layer, against
+the layer's rows × (n²/p² + n·k) multiply-adds.
+
+Dropout of a tensor every rank holds whole (before the first Linear, after the last) stays a
+plain ``nn.Dropout``: the ranks draw the same mask from their in-step RNGs, and the tensor
+stays replicated.
 """
 
 from __future__ import annotations
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_phantom.ops.comm import GroupInfo
-from lightning_phantom.nn.shard import ShardSpec, _shard_info, _Sharded
-
-_GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, call) pairs over the seed space
+from lightning_phantom.nn.shard import ShardSpec, _check_divisible, _shard_info, _Sharded
 
 
-def draw_seed() -> int:
-    """A seed from the global RNG (the same on every rank that runs in step)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+class ShardedDropout(nn.Dropout, _Sharded):
+    """This rank's part of ``nn.Dropout(p)`` over an activation of ``features`` split along ``dim``.
 
+    ``features`` is the full size of ``dim`` (the dense width, or the number of heads); the
+    input holds ``features / p`` of them, this rank's contiguous slice.
+    """
 
-class _SeededDropout(nn.Module):
-    def __init__(self, p: float, seed: int) -> None:
-        super().__init__()
-        if not (isinstance(p, (int, float)) and 0 <= p <= 1):
-            raise ValueError(f"dropout probability must be between 0 and 1, got {p!r}")
-        self.p = float(p)
-        self.register_buffer("rng", torch.tensor([seed, 0], dtype=torch.int64))
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._known = None  # (buffer, its version, seed, calls): read the buffer only when it changed
-
-    def _next_seed(self) -> int:
-        known, rng = self._known, self.rng
-        if known is None or known[0] is not rng or known[1] != rng._version:
-            seed, calls = rng.tolist()  # after loading, moving or broadcasting the buffer
-        else:
-            seed, calls = known[2], known[3]
-        with torch.no_grad():
-            rng[1] += 1
-        self._known = (rng, rng._version, seed, calls + 1)
-        return (seed + calls * _GOLDEN) % 2**63
+    def __init__(self, p: float, features: int, group=None, *, dim: int = -1,
+                 shard: ShardSpec = None) -> None:
+        super().__init__(p)  # nn.Dropout checks 0 <= p <= 1
+        self.shard = _shard_info(group, shard)
+        self.features, self.dim = features, dim
+        self.local = _check_divisible("dropout features", features, self.shard.size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0:
-            return x
+        if not self.training or self.p == 0 or self.shard.size == 1:
+            return F.dropout(x, self.p, self.training)  # one shard: the dense layer itself
+        if x.shape[self.dim] != self.local:
+            raise ValueError(f"ShardedDropout holds {self.local} of {self.features} features along dim "
+                             f"{self.dim} but got inputs of shape {tuple(x.shape)}")
         if self.p == 1:
-            return x * 0
-        gen = self._generators.get(x.device)
-        if gen is None:
-            gen = self._generators[x.device] = torch.Generator(device=x.device)
-        gen.manual_seed(self._next_seed())
-        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=gen)
-        return x * keep / (1 - self.p)
+            return x * x.new_zeros(())
+        shape = list(x.shape)
+        shape[self.dim] = self.features
+        # The dense layer's mask, drawn as F.dropout draws it, then this rank's slice of it.
+        keep = x.new_empty(shape).bernoulli_(1 - self.p).div_(1 - self.p)
+        return x * keep.narrow(self.dim, self.shard.rank * self.local, self.local)
+
+    def rebuild(self, info: GroupInfo) -> "ShardedDropout":
+        """The same dropout for shard ``info`` (merging and gathering shards)."""
+        return ShardedDropout(self.p, self.features, dim=self.dim, shard=info)
 
     def to_dense(self) -> nn.Dropout:
         return nn.Dropout(self.p)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class ReplicatedDropout(_SeededDropout):
-    """Dropout of a tensor every rank of the group holds whole: the same mask on every rank."""
-
-
-class ShardedDropout(_SeededDropout, _Sharded):
-    """Dropout of this rank's shard of an activation, with this rank's own masks."""
-
-    def __init__(self, p: float, seed: int, group=None, *, shard: ShardSpec = None) -> None:
-        super().__init__(p, seed)
-        self.shard = _shard_info(group, shard)
-
-    @classmethod
-    def for_rank(cls, p: float, seed: int, info: GroupInfo) -> "ShardedDropout":
-        # Distinct per phantom rank; a prime stride keeps neighbouring seeds apart.
-        return cls(p, (seed + 7919 * info.rank) % 2**62, shard=info)
-
-    def rebuild(self, info: GroupInfo) -> "ShardedDropout":
-        return ShardedDropout(self.p, 0, shard=info)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, rank={self.shard.rank}/{self.shard.size}"
+        return f"p={self.p}, features={self.features}, dim={self.dim}, rank={self.shard.rank}/{self.shard.size}"

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_phantom.nn.ghosts import GhostSpec, resolve_ghosts
 from lightning_phantom.ops.comm import GroupInfo, copy_to_phantom, reduce_from_phantom
 from lightning_phantom.ops.operator import PhantomLinearFunction
-from lightning_phantom.nn.dropout import ShardedDropout, draw_seed
+from lightning_phantom.nn.dropout import ShardedDropout
 from lightning_phantom.nn.shard import ShardSpec, _check_divisible, _shard_info, _Sharded
 
 
@@ -255,16 +255,15 @@ class PhantomFFN(nn.Sequential):
         info = _shard_info(group, shard)
         per_layer = resolve_ghosts(ghosts, sizes[1:-2], info.size, type(self).__name__)
         kw = {"bias": bias, "shard": info, "device": device, "dtype": dtype}
-        seed = draw_seed() if dropout else 0
 
-        def drop(i: int) -> list[nn.Module]:  # between sharded layers: this rank's own masks
-            return [ShardedDropout.for_rank(dropout, seed + 104729 * i, info)] if dropout else []
+        def drop(width: int) -> list[nn.Module]:  # between sharded layers: this rank's part of the mask
+            return [ShardedDropout(dropout, width, shard=info)] if dropout else []
 
         layers: list[nn.Module] = [ColumnParallelLinear(sizes[0], sizes[1], **kw)]
         for i, k in enumerate(per_layer, start=1):
-            layers += [_activation(activation)] + drop(i)
+            layers += [_activation(activation)] + drop(sizes[i])
             layers.append(PhantomLinear(sizes[i], sizes[i + 1], k, overlap=overlap, **kw))
-        layers += [_activation(activation)] + drop(0)
+        layers += [_activation(activation)] + drop(sizes[-2])
         layers.append(RowParallelLinear(sizes[-2], sizes[-1], **kw))
         super().__init__(*layers)
 

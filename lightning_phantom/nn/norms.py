@@ -164,9 +164,14 @@ class PhantomRMSNorm(PhantomNorm):
         work = x.to(_statistics_dtype(x))
         squares = reduce_statistics(work.square().sum(-1, keepdim=True),
                                     self.shard.group if self.shard.size > 1 else None)
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps  # nn.RMSNorm's default
-        y = (work * torch.rsqrt(squares / self.features + eps)).to(x.dtype)
-        return y * self.weight if self.weight is not None else y
+        # nn.RMSNorm's default eps is that of its compute type (float32 for bfloat16/float16
+        # inputs: at::opmath_type), not of the input's dtype: bfloat16's 7.8e-3 would swamp
+        # small activations.
+        eps = torch.finfo(work.dtype).eps if self.eps is None else self.eps
+        y = work * torch.rsqrt(squares / self.features + eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y.to(x.dtype)  # as nn.RMSNorm: weighted in the compute type, then the input's dtype
 
 
 class PhantomBatchNorm1d(PhantomNorm, nn.BatchNorm1d):

@@ -33,7 +33,7 @@ from lightning_phantom.strategy.storage import (
 
 _SHARED_MARKER = ".written-by-rank-0"
 META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dropout holds no state (no `rng` buffers)
 _SHARD_TAG = re.compile(r"^(?P<name>.+)\|phantom(?P<rank>\d+)/(?P<size>\d+)$")
 
 
@@ -64,8 +64,8 @@ def parse_shard_key(key: str) -> Optional[tuple[str, int, int]]:
 
 
 def shard_keys(module: nn.Module, rank: int, size: int) -> dict[str, str]:
-    """State-dict name → shard key, for every sharded parameter and buffer (BatchNorm statistics,
-    dropout streams) of ``module``."""
+    """State-dict name → shard key, for every sharded parameter and buffer (BatchNorm statistics)
+    of ``module``."""
     sharded = {id(t) for t in [*sharded_parameters(module), *sharded_buffers(module)]}
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     return {name: shard_key(name, rank, size) for name, t in named if id(t) in sharded}
