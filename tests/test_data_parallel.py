@@ -9,13 +9,15 @@ each mode resumes exactly from the other's checkpoints.
 
 from __future__ import annotations
 
+import time
 from unittest import mock
 
+import lightning as L
 import pytest
 import torch
 
 from conftest import run_ranks
-from scripts.train import job
+from scripts.train import Batches, Regression, job
 
 import lightning_phantom as lp
 from lightning_phantom.strategy.data_parallel import DataAxis
@@ -184,3 +186,51 @@ def test_buckets_average_in_place_or_into_views_and_show_the_guard_local_values(
         for indices, values in out["seen"]:
             want = torch.cat([torch.full(SHAPES[i], (i + 1) * (rank + 1) / 2).flatten() for i in indices])
             torch.testing.assert_close(values.flatten(), want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- gradients on some replicas only
+class SometimesUnused(Regression):
+    """``head`` gets no gradient on data replica 1 at global step 2 (ranks 2 and 3): after the first step
+    armed the overlapped buckets."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="sgd", lr=0.1)
+        self.head = torch.nn.Linear(4, 4)
+        self.started = 0.0
+
+    def training_step(self, batch, batch_idx):
+        import torch.nn.functional as F
+
+        y = self(batch[0])
+        if not (self.trainer.global_step == 2 and self.global_rank >= 2):
+            y = self.head(y)
+        return F.mse_loss(y, batch[1])
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.started = time.monotonic()
+
+
+def gradient_on_some_replicas_only() -> dict:
+    from lightning_phantom.strategy.step import MissingGradientError
+
+    L.seed_everything(0)
+    model = SometimesUnused()
+    loader = Batches(rows=64, batch_size=8, phantom=2)
+    strategy = lp.PhantomStrategy(phantom_parallel_size=2, timeout=30)
+    trainer = L.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    loader.trainer = trainer
+    try:
+        trainer.fit(model, loader)
+        return {"error": None}
+    except MissingGradientError as e:
+        return {"error": str(e), "step": e.step, "shapes": e.shapes, "seconds": time.monotonic() - model.started,
+                "overlapped": strategy.data_axis.overlapped_steps}
+
+
+def test_a_gradient_missing_on_some_replicas_stops_every_rank_at_once():
+    for rank in run_ranks(4, gradient_on_some_replicas_only, timeout=120):
+        assert rank["error"] is not None and rank["step"] == 2 and rank["overlapped"] == 2
+        assert rank["shapes"] == {2: [(4,), (4, 4)], 3: [(4,), (4, 4)]}  # head.bias, head.weight (bucket order)
+        assert "at global step 2 (epoch 0, batch 2) parameters got none on some replicas only" in rank["error"]
+        assert rank["seconds"] < 10  # not the 30 s collective timeout

@@ -12,12 +12,13 @@ with the bad gradient never runs: the weights, and any checkpoint written after,
 of the last good step.
 
 ``is_peer_failure`` recognises the errors a collective raises when a peer died or hung
-past the timeout; the strategy uses it to say so in words a user can act on.
+past the timeout; the strategy says so in words a user can act on (``peer_failure_message``).
 """
 
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -243,3 +244,19 @@ def is_peer_failure(exception: BaseException) -> bool:
     text = str(exception).lower()
     return any(word in text for word in _PEER_FAILURE_WORDS) and (
         "gloo" in text or "nccl" in text or "c10d" in text or "store" in text or "peer" in text)
+
+
+def peer_failure_message(exception: BaseException, rank: int, world_size: int, timeout: Optional[timedelta],
+                         step: Optional[int]) -> Optional[str]:
+    """What to log when ``exception`` is a collective that failed for a peer (``is_peer_failure``); else None."""
+    if not is_peer_failure(exception):
+        return None
+    at = f" at global step {step}" if step is not None else ""
+    limit = f"{timeout.total_seconds():g} s" if timeout is not None else "torch's default"
+    first_line = (str(exception).strip().splitlines() or [""])[0]
+    return (
+        f"PhantomStrategy: rank {rank} of {world_size} stopped{at}: a collective with the other ranks failed "
+        f"({type(exception).__name__}: {first_line}). Another rank died or stopped answering (collective "
+        f"timeout {limit}). Training since the last checkpoint is lost: restart with ckpt_path='last' on the "
+        "same number of ranks, or on fewer after lightning_phantom.reshard_checkpoint()."
+    )

@@ -54,12 +54,14 @@ from lightning_phantom.nn.compiling import CompileRequest, compile_ffns, compile
 from lightning_phantom.nn.layers import sharded_parameters
 from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan
 from lightning_phantom.strategy import checkpoints
-from lightning_phantom.strategy.data_parallel import DataAxis, average_replicated_gradients, sync_replicas
+from lightning_phantom.strategy.batches import BatchCheck, seed_workers
+from lightning_phantom.strategy.data_parallel import DataAxis, sync_replicas
 from lightning_phantom.strategy.sharding import shard_module
-from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
+from lightning_phantom.strategy.guards import NonFiniteGuard, peer_failure_message
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
 from lightning_phantom.strategy.metrics import sync_metrics_over
 from lightning_phantom.strategy.precision import global_grad_norm, phantom_precision
+from lightning_phantom.strategy.step import finish_step
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -131,6 +133,7 @@ class PhantomStrategy(ParallelStrategy):
         self.data_axis = DataAxis(data_parallel)
         self._detect_non_finite = bool(detect_non_finite)
         self._guard: Optional[NonFiniteGuard] = None
+        self._batch_check: Optional[BatchCheck] = None  # while fitting with phantom groups of 2 or more
         self._sharded: set[int] = set()  # id() of the parameters split over the phantom group
         self._compile = compile_options(compile)
         if process_group_backend is not None and not isinstance(process_group_backend, str):
@@ -283,6 +286,7 @@ class PhantomStrategy(ParallelStrategy):
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
             self.data_axis.attach(self.optimizers, self.layout, self.data_parallel_group)
+            self._batch_check = BatchCheck(self.layout.phantom) if self.layout.phantom > 1 else None
             if self._detect_non_finite and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
                 trainer.callbacks.append(NonFiniteGuard())
             self._guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
@@ -314,20 +318,27 @@ class PhantomStrategy(ParallelStrategy):
         raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
         def closure_then_average() -> Any:
-            # After the last backward of the accumulation window; on_before_optimizer_step,
-            # unscaling, clipping and the step all see the data-parallel mean.
+            # After the last backward of the step (automatic or manual optimization);
+            # on_before_optimizer_step, unscaling, clipping and the step all see the data-parallel
+            # mean, and every rank has agreed that the step may be taken.
             result = closure()
-            # The guard looks before any average, so that a NaN is named on the rank that made it.
-            verdict = self._guard.local_verdict(raw) if self._guard is not None else None
-            self.data_axis.finish(raw, self.layout, self.data_parallel_group, self.root_device)
-            verdict = average_replicated_gradients(raw, self._sharded, self.layout, self.phantom_group, verdict)
-            if verdict is not None:  # summed over the phantom group; the replicas' groups too:
-                if self.layout.data > 1:
-                    dist.all_reduce(verdict, group=self.data_parallel_group)
-                self._guard.agree(verdict)
+            finish_step(self, raw)
             return result
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        seed_workers(dataloader, self.layout.coordinates(self.global_rank)[0])  # one batch per phantom group
+        return dataloader
+
+    @override
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        trainer = self.lightning_module._trainer
+        if self._batch_check is not None and trainer is not None and trainer.training:
+            self._batch_check.add(batch)  # compared over the phantom group at the optimizer step
+        return batch
 
     @contextmanager
     @override
@@ -379,19 +390,11 @@ class PhantomStrategy(ParallelStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         """Say in words when a collective failed because another rank died or stopped answering."""
-        if not is_peer_failure(exception):
-            return
         trainer = getattr(self._lightning_module, "_trainer", None)
-        step = f" at global step {trainer.global_step}" if trainer is not None else ""
-        timeout = f"{self._timeout.total_seconds():g} s" if self._timeout is not None else "torch's default"
-        first_line = (str(exception).strip().splitlines() or [""])[0]
-        _log.error(
-            f"PhantomStrategy: rank {self.global_rank} of {self.world_size} stopped{step}: a collective with "
-            f"the other ranks failed ({type(exception).__name__}: {first_line}). Another rank died or stopped "
-            f"answering (collective timeout {timeout}). Training since the last checkpoint is lost: restart "
-            "with ckpt_path='last' on the same number of ranks, or on fewer after "
-            "lightning_phantom.reshard_checkpoint()."
-        )
+        message = peer_failure_message(exception, self.global_rank, self.world_size, self._timeout,
+                                       trainer.global_step if trainer is not None else None)
+        if message is not None:
+            _log.error(message)
 
     @override
     def teardown(self) -> None:
