@@ -14,6 +14,10 @@ from the same weights (``sync_replicas``, once at set-up). Then, by ``PhantomStr
 
 Within a phantom group, the copies of replicated parameters get the group's mean gradient
 (``average_replicated_gradients``) for the same reason.
+
+Under manual optimization (``automatic_optimization = False``) ``"ddp"`` averages synchronously
+at each optimizer step: a step may follow several ``manual_backward`` calls, and buckets
+started by the first would miss the later ones.
 """
 
 from __future__ import annotations
@@ -114,14 +118,17 @@ class DataAxis:
         if self.mode == "fsdp" and not self.fsdp_units:
             self.fsdp_units = shard_over_data(module, data_mesh)
 
-    def attach(self, optimizers: list[Optimizer], layout: PhantomLayout, data_group: dist.ProcessGroup) -> None:
+    def attach(self, optimizers: list[Optimizer], layout: PhantomLayout, data_group: dist.ProcessGroup,
+               automatic: bool = True) -> None:
         """After: ``"ddp"``'s overlapped all-reduce for the whole parameters, where it applies.
 
-        One optimizer only: the buckets are finished at its step (more are stepped by hand, in
-        manual optimization, and keep the synchronous average).
+        One optimizer under automatic optimization only: the buckets are finished at its step,
+        after the one backward of each micro-batch. Under manual optimization a step may follow
+        several ``manual_backward`` calls (the buckets would start on the first and miss the
+        rest), and more optimizers are stepped by hand: those keep the synchronous average.
         """
         self.detach()
-        if self.mode != "ddp" or layout.data == 1 or len(optimizers) != 1:
+        if self.mode != "ddp" or layout.data == 1 or len(optimizers) != 1 or not automatic:
             return
         params = [p for g in optimizers[0].param_groups for p in g["params"]
                   if p.requires_grad and not isinstance(p, DTensor)]

@@ -285,7 +285,8 @@ class PhantomStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
-            self.data_axis.attach(self.optimizers, self.layout, self.data_parallel_group)
+            self.data_axis.attach(self.optimizers, self.layout, self.data_parallel_group,
+                                  self.lightning_module.automatic_optimization)
             self._batch_check = BatchCheck(self.layout.phantom) if self.layout.phantom > 1 else None
             if self._detect_non_finite and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
                 trainer.callbacks.append(NonFiniteGuard())
