@@ -290,3 +290,65 @@ def test_a_gradient_missing_on_some_replicas_stops_every_rank_at_once():
         assert rank["shapes"] == {2: [(4,), (4, 4)], 3: [(4,), (4, 4)]}  # head.bias, head.weight (bucket order)
         assert "at global step 2 (epoch 0, batch 2) parameters got none on some replicas only" in rank["error"]
         assert rank["seconds"] < 10  # not the 30 s collective timeout
+
+
+# ---------------------------------------------------------------- buffers
+class Normalised(Regression):
+    """BatchNorm1d outside the FFN (replicated over the phantom group) and inside it (sharded)."""
+
+    def __init__(self) -> None:
+        from torch import nn
+
+        super().__init__(optimizer="sgd", lr=0.1)
+        self.norm = nn.BatchNorm1d(6)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh(),
+                                 nn.Linear(8, 4))
+        self.seen: list[dict] = []  # each step's floating buffers as its forward is about to start
+
+    def forward(self, x):
+        return self.net(self.norm(x))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.seen.append({k: v.clone() for k, v in self.named_buffers() if v.is_floating_point()})
+
+
+def buffers_across_replicas(tmp: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = {}
+    for name, model in (("plain", Regression(optimizer="sgd")), ("batchnorm", Normalised())):
+        L.seed_everything(0)
+        loader = Batches(rows=64, batch_size=8, phantom=2)
+        checkpoint = ModelCheckpoint(dirpath=f"{tmp}/{name}", filename="{step}", every_n_train_steps=3)
+        trainer = L.Trainer(accelerator="cpu", devices=4, strategy=lp.PhantomStrategy(phantom_parallel_size=2),
+                            max_steps=3, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        loader.trainer = trainer
+        trainer.fit(model, loader)
+        out[name] = {"broadcasts": trainer.strategy._buffers.broadcasts, "seen": getattr(model, "seen", None),
+                     "final": {k: v.clone() for k, v in model.named_buffers() if v.is_floating_point()}}
+    keys = trainer.strategy.shard_keys()
+    saved = {f"model::{keys.get(k, k)}": torch.empty_like(v) for k, v in out["batchnorm"]["final"].items()}
+    dcp.load(saved, checkpoint_id=f"{tmp}/batchnorm/step=3.ckpt", no_dist=True)
+    out["saved"] = {k.split("::")[1].split("|")[0]: v for k, v in saved.items()}
+    return out
+
+
+def test_buffers_are_rank_0s_before_every_forward_and_in_the_checkpoint(tmp_path):
+    ranks = run_ranks(4, buffers_across_replicas, str(tmp_path))
+    for first, replica in ((0, 2), (1, 3)):  # the two replicas of each phantom rank
+        seen = [ranks[r]["batchnorm"]["seen"] for r in (first, replica)]
+        for step in range(3):  # equal before every forward; from step 2 on, after different batches
+            assert seen[0][step].keys() == {"norm.running_mean", "norm.running_var", "net.3.running_mean",
+                                            "net.3.running_var"}
+            for name, value in seen[0][step].items():
+                torch.testing.assert_close(seen[1][step][name], value, rtol=0, atol=0)
+        assert not torch.equal(seen[0][1]["net.3.running_mean"], seen[0][0]["net.3.running_mean"])  # they train
+        for rank in (first, replica):  # the checkpoint holds rank 0's, and so does every replica after it
+            for name, value in ranks[first]["batchnorm"]["final"].items():
+                torch.testing.assert_close(ranks[rank]["saved"][name], value, rtol=0, atol=0)
+                torch.testing.assert_close(ranks[rank]["batchnorm"]["final"][name], value, rtol=0, atol=0)
+    for rank in ranks:
+        assert rank["plain"]["broadcasts"] == 0  # no floating buffers: nothing sent
+        assert rank["batchnorm"]["broadcasts"] == 3  # before steps 2 and 3, and before the checkpoint

@@ -13,6 +13,10 @@ Lightning's ``ModelParallelStrategy``; each job they start lives in a module of 
 * ``precision``: the strategy's own precision plugins, clipping by the norm of the whole model.
 * ``checkpoints`` (the format) and ``storage`` (atomic publish): sharded DCP checkpoints.
 * ``guards``: ``NonFiniteGuard`` (on unless ``detect_non_finite=False``) and dead-peer messages.
+* ``batches``: one batch per phantom group (workers seeded by data-parallel rank; every step checked).
+* ``step``: after the last backward, the averages and one verdict that every rank acts on alike.
+* ``buffers``: data-parallel rank 0's buffers to the replicas (DDP's ``broadcast_buffers=True``).
+* ``collectives``: Lightning's reduce/all_gather over the data-parallel group.
 """
 
 from __future__ import annotations
@@ -33,20 +37,14 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized, _get_default_process_group_backend_for_device, _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.distributed import group as _group
+from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import _PATH, ReduceOp
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
@@ -55,6 +53,8 @@ from lightning_phantom.nn.layers import sharded_parameters
 from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan
 from lightning_phantom.strategy import checkpoints
 from lightning_phantom.strategy.batches import BatchCheck, seed_workers
+from lightning_phantom.strategy.buffers import BufferSync
+from lightning_phantom.strategy.collectives import PhantomCollectives
 from lightning_phantom.strategy.data_parallel import DataAxis, sync_replicas
 from lightning_phantom.strategy.sharding import shard_module
 from lightning_phantom.strategy.guards import NonFiniteGuard, peer_failure_message
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 
-class PhantomStrategy(ParallelStrategy):
+class PhantomStrategy(PhantomCollectives):
     """Phantom parallelism (docs/operator.md) for every FFN of a ``LightningModule``, data-parallel around it.
 
     Arguments:
@@ -134,6 +134,7 @@ class PhantomStrategy(ParallelStrategy):
         self._detect_non_finite = bool(detect_non_finite)
         self._guard: Optional[NonFiniteGuard] = None
         self._batch_check: Optional[BatchCheck] = None  # while fitting with phantom groups of 2 or more
+        self._buffers: Optional[BufferSync] = None  # rank 0's buffers to the replicas (DDP's broadcast_buffers)
         self._sharded: set[int] = set()  # id() of the parameters split over the phantom group
         self._compile = compile_options(compile)
         if process_group_backend is not None and not isinstance(process_group_backend, str):
@@ -280,6 +281,7 @@ class PhantomStrategy(ParallelStrategy):
         sync_replicas(self.lightning_module, self.layout, self.data_parallel_group)
         sync_metrics_over(self.lightning_module, self.data_parallel_group)
         self.data_axis.shard(self.lightning_module, self.device_mesh["data_parallel"])
+        self._buffers = BufferSync(self.lightning_module, self.data_parallel_group, self.layout.data)
         self._sharded = {id(p) for p in sharded_parameters(self.lightning_module)}  # FSDP's, if it sharded
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -337,8 +339,11 @@ class PhantomStrategy(ParallelStrategy):
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
         batch = super().batch_to_device(batch, device, dataloader_idx)
         trainer = self.lightning_module._trainer
-        if self._batch_check is not None and trainer is not None and trainer.training:
+        training = trainer is not None and trainer.training
+        if self._batch_check is not None and training:
             self._batch_check.add(batch)  # compared over the phantom group at the optimizer step
+        if self._buffers is not None:
+            self._buffers.before_batch(training)
         return batch
 
     @contextmanager
@@ -348,46 +353,7 @@ class PhantomStrategy(ParallelStrategy):
         with self.data_axis.no_sync():
             yield None
 
-    # ----------------------------------------------------------- collectives
-    @override
-    def barrier(self, name: Optional[str] = None) -> None:
-        if not _distributed_is_initialized():
-            return
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[self.root_device.index])
-        else:
-            dist.barrier()
-
-    @override
-    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src, group=_group.WORLD)
-        return box[0]
-
-    @override
-    def reduce(self, tensor, group: Optional[Any] = None,
-               reduce_op: Optional[Union[ReduceOp, str]] = "mean"):
-        """Over the data-parallel group by default: the ranks of a phantom group hold the same values."""
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, self._default_group(group), reduce_op=reduce_op)
-        return tensor
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        """Over the data-parallel group by default: one copy per replica, not one per rank."""
-        return super().all_gather(tensor, group=self._default_group(group), sync_grads=sync_grads)
-
-    @override
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        votes = _sync_ddp_if_available(torch.tensor(int(decision), device=self.root_device), None,
-                                       reduce_op=ReduceOp.SUM)  # over the world: every rank votes
-        return bool(votes == self.world_size) if all else bool(votes)
-
-    def _default_group(self, group):
-        return group if group is not None or self._device_mesh is None else self.data_parallel_group
-
+    # ------------------------------------------------------------- teardown
     @override
     def on_exception(self, exception: BaseException) -> None:
         """Say in words when a collective failed because another rank died or stopped answering."""
@@ -413,6 +379,8 @@ class PhantomStrategy(ParallelStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._buffers is not None:
+            self._buffers.before_save()  # the replicas' buffers are rank 0's, and so is the checkpoint's copy
         keys = self.shard_keys()
         return {keys.get(k, k): v for k, v in self.lightning_module.state_dict().items()}
 
