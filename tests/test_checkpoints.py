@@ -1,0 +1,93 @@
+"""Checkpoints under failure: every rank stops together, the last good checkpoint stays loadable.
+
+Saving and loading alternate collectives with steps that one rank takes alone; each such step
+is made to fail on one rank (patched in that rank's process), and every rank must raise the
+same error within seconds, never wait for the process-group timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from unittest import mock
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+
+import lightning_phantom as lp
+from conftest import run_ranks
+from lightning_phantom.strategy import checkpoints
+from scripts.train import Batches, Regression
+
+
+def fitted(steps: int, ckpt: str = None, **strategy) -> tuple:
+    L.seed_everything(0, verbose=False)
+    model = Regression(optimizer="sgd", lr=0.1)
+    loader = Batches(rows=64, batch_size=8, phantom=2)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(timeout=60, **strategy),
+                        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    loader.trainer = trainer
+    trainer.fit(model, loader, ckpt_path=ckpt)
+    return trainer, model
+
+
+# one rank's step -> (rank, what to patch, the patch)
+FAILURES = {
+    "discard": (0, "discard", mock.Mock(side_effect=PermissionError("Permission denied: '.last.ckpt.partial'"))),
+    "mkdir": (1, "Path.mkdir", mock.Mock(side_effect=OSError("Read-only file system"))),
+    "meta.pt": (0, "save_durably", mock.Mock(side_effect=OSError("No space left on device"))),
+    "publish": (0, "publish", mock.Mock(side_effect=OSError("Stale file handle"))),
+    "is_checkpoint": (1, "is_checkpoint", mock.Mock(return_value=False)),
+    "read_meta": (1, "read_meta", mock.Mock(side_effect=EOFError("Ran out of input"))),
+}
+
+
+def one_rank_fails(tmp: str) -> dict:
+    trainer, model = fitted(2)
+    path = Path(tmp) / "last.ckpt"
+    trainer.save_checkpoint(path)  # the last good one
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # the weights move on
+        for p in model.parameters():
+            p.add_(1.0)
+    out = {}
+    for name, (rank, target, patch) in FAILURES.items():
+        owner, _, attribute = target.rpartition(".")
+        where = Path if owner == "Path" else checkpoints
+        start = time.monotonic()
+        try:
+            with mock.patch.object(where, attribute, patch) if dist.get_rank() == rank else mock.MagicMock():
+                if name in ("is_checkpoint", "read_meta"):
+                    trainer.strategy.load_checkpoint(path)
+                else:
+                    trainer.save_checkpoint(path)
+            out[name] = None
+        except Exception as error:  # noqa: BLE001
+            out[name] = (type(error).__name__, str(error), time.monotonic() - start)
+    _, resumed = fitted(2, ckpt=str(path))  # the last good checkpoint, after every failure
+    out["good"] = all(torch.equal(resumed.state_dict()[k], v) for k, v in good.items())
+    return out
+
+
+def test_a_step_failing_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path):
+    ranks = run_ranks(2, one_rank_fails, str(tmp_path), timeout=150)
+    expected = {  # every rank raises the failed rank's error type, with what failed where
+        "discard": ("PermissionError", "Removing what an interrupted save left at", 0),
+        "mkdir": ("OSError", "Creating the checkpoint folder", 1),
+        "meta.pt": ("OSError", "Writing", 0),
+        "publish": ("OSError", "Publishing the checkpoint at", 0),
+        "is_checkpoint": ("ValueError", "Reading the checkpoint at", 1),
+        "read_meta": ("EOFError", "Reading the checkpoint at", 1),
+    }
+    for rank in ranks:
+        for name, (kind, what, failed) in expected.items():
+            assert rank[name] is not None, name
+            got_kind, message, seconds = rank[name]
+            assert got_kind == kind and message.startswith(what), (name, message)
+            assert f"failed on rank(s) {failed} of 2, so every rank stopped here: rank {failed}: " in message
+            assert seconds < 10, (name, seconds)  # not the 60 s timeout
+        assert rank["good"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["last.ckpt"]
