@@ -91,3 +91,42 @@ def test_a_step_failing_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoi
             assert seconds < 10, (name, seconds)  # not the 60 s timeout
         assert rank["good"]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["last.ckpt"]
+
+
+# ------------------------------------------------ a cut between the two renames, where the swap is unavailable
+def crash_between_the_renames(tmp: str) -> dict:
+    """NFS, Lustre: no RENAME_EXCHANGE, so publishing last.ckpt moves the old one aside, then the new one in;
+    the run dies between the two at step 6. Then the user resumes with ckpt_path="last"."""
+    import os
+
+    from lightning_phantom.strategy import storage
+    from scripts.train import job
+
+    rename = os.rename
+
+    def cut(a, b):
+        if Path(b).name == "last.ckpt" and storage.previous_path(b).exists():
+            raise OSError("power cut between the renames")
+        rename(a, b)
+
+    with mock.patch.object(storage, "_exchange", lambda a, b: False), mock.patch.object(os, "rename", cut):
+        try:
+            job(steps=6, every=3, ckpt_dir=tmp)
+            crashed = None
+        except OSError as error:
+            crashed = str(error)
+    left = sorted(p.name for p in Path(tmp).iterdir() if "last" in p.name)
+    resumed = job(steps=6, every=3, ckpt_dir=tmp, resume="last")
+    return {"crashed": crashed, "left": left, "resumed": resumed, "whole": job(steps=6),
+            "after": sorted(p.name for p in Path(tmp).iterdir() if "last" in p.name)}
+
+
+def test_resume_from_last_finds_the_checkpoint_a_cut_between_renames_left(tmp_path):
+    for rank in run_ranks(2, crash_between_the_renames, str(tmp_path)):
+        assert rank["crashed"] is not None and "power cut between the renames" in rank["crashed"]
+        assert rank["left"] == [".last.ckpt.partial", "last.previous.ckpt"]  # no last.ckpt
+        resumed, whole = rank["resumed"], rank["whole"]
+        assert resumed["step"] == 6 and resumed["losses"] == whole["losses"][3:]  # from step 3, not from scratch
+        for name, value in whole["state"].items():
+            assert torch.equal(resumed["state"][name], value), name
+        assert rank["after"] == ["last.ckpt"]  # the next save cleaned up

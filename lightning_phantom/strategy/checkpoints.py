@@ -232,13 +232,15 @@ def load(strategy: CheckpointingStrategy, path: Path, weights_only: Optional[boo
 def _plan_load(strategy: CheckpointingStrategy, path: Path, weights_only: bool):
     """This rank's part of ``load`` before DCP reads: (path, Lightning's meta, the strategy's, DCP's
     targets, what to do after DCP has read them)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
     if not is_checkpoint(path) and is_checkpoint(previous_path(path)):
         # A save was cut between moving the old checkpoint aside and the new one in.
-        from lightning.pytorch.utilities.rank_zero import rank_zero_info
-
         rank_zero_info(f"{str(path)!r} is missing after an interrupted save; loading the previous version "
                        f"kept at {str(previous_path(path))!r}.")
         path = previous_path(path)
+    elif path.stem.endswith(".previous"):  # ckpt_path="last" found what such a save left
+        rank_zero_info(f"Resuming from {str(path)!r}, the version an interrupted save set aside.")
     metadata, info = read_meta(path, weights_only)
     layout = strategy.layout
     if info["phantom_parallel"] != layout.phantom:
