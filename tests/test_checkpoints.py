@@ -130,3 +130,38 @@ def test_resume_from_last_finds_the_checkpoint_a_cut_between_renames_left(tmp_pa
         for name, value in whole["state"].items():
             assert torch.equal(resumed["state"][name], value), name
         assert rank["after"] == ["last.ckpt"]  # the next save cleaned up
+
+
+# ------------------------------------------------ the RNG, for dropout
+def resume_with_dropout(tmp: str) -> dict:
+    from scripts.train import job
+
+    whole = job(steps=6, every=3, ckpt_dir=tmp, dropout=0.3)
+    return {"whole": whole, "resumed": job(steps=6, resume=f"{tmp}/step=3.ckpt", dropout=0.3)}
+
+
+def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_one(tmp_path):
+    for rank in run_ranks(2, resume_with_dropout, str(tmp_path)):
+        whole, resumed = rank["whole"], rank["resumed"]
+        assert resumed["losses"] == whole["losses"][3:]
+        for name, value in whole["state"].items():
+            assert torch.equal(resumed["state"][name], value), name
+    rng = torch.load(tmp_path / "step=3.ckpt" / "meta.pt", weights_only=True)["phantom"]["rng"]
+    assert len(rng) == 2 and rng[0]["cpu"].dtype == torch.uint8
+
+
+def test_rng_states_are_each_rank_s_own_or_rank_0_s():
+    from lightning_phantom.strategy.checkpoints import restore_rng, rng_states
+
+    saved = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        saved.append(rng_states())
+    expected = {}
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected[seed] = torch.rand(3)
+    restore_rng(saved, 1, 2)  # the world size saved: rank 1's own
+    assert torch.equal(torch.rand(3), expected[2])
+    restore_rng(saved, 3, 4)  # another world size: rank 0's
+    assert torch.equal(torch.rand(3), expected[1])

@@ -6,7 +6,8 @@ carries its phantom rank and group size (``model::net.2.compress|phantom1/2``): 
 collide, and the data-parallel replicas of a shard, identical under one key, are written
 once. Optimizer state is keyed the same way (``optimizer_0::net.2.compress|phantom1/2::exp_avg``).
 What is not a tensor goes to ``meta.pt`` (read with ``weights_only=True``) under
-``"phantom"``, with the format version, the layout and the non-tensor entries. Writing goes
+``"phantom"``, with the format version, the layout, the non-tensor entries and every rank's
+torch RNG states (``rng_states``, restored on load). Writing goes
 through ``storage`` (staging directory, atomic publish).
 """
 
@@ -136,11 +137,13 @@ def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path
             model_extra.update(other_model)
             for mine, other in zip(optimizer_extra, other_optimizers):
                 mine["state"].update(other["state"])
+    rng: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rng, rng_states())
     dcp.save(tensors, checkpoint_id=staging)  # DCP itself stops every rank when one fails to write
     if zero:
         checkpoint["phantom"] = {"format": FORMAT_VERSION, "data_parallel": layout.data,
                                  "phantom_parallel": layout.phantom, "model_extra": model_extra,
-                                 "optimizer_extra": optimizer_extra}
+                                 "optimizer_extra": optimizer_extra, "rng": rng}
     agree(f"Writing {str(staging / META_FILE)!r}", lambda: save_durably(checkpoint, staging / META_FILE), device, zero)
     agree(f"Publishing the checkpoint at {str(path)!r}", lambda: publish(staging, path), device, zero)
 
@@ -282,8 +285,33 @@ def _plan_load(strategy: CheckpointingStrategy, path: Path, weights_only: bool):
             module.load_state_dict(full, strict=module.strict_loading)
         for optimizer, names, slots, extra in plans:
             _load_optimizer(optimizer, names, slots, extra, path)
+        restore_rng(info.get("rng"), dist.get_rank(), dist.get_world_size())
 
     return path, metadata, info, targets, finish
+
+
+def rng_states() -> dict[str, Tensor]:
+    """This rank's torch RNG states: the CPU generator's, and the current CUDA device's where CUDA runs.
+
+    Saved per rank in ``meta.pt`` (``"rng"``) and restored on load, so that what a resumed run
+    draws from torch's global generator (dropout masks, kept in step across a phantom group)
+    is what the uninterrupted run drew.
+    """
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng(saved: Optional[list], rank: int, world_size: int) -> None:
+    """Rank ``rank``'s own saved states when the world size is the one saved, else rank 0's (the
+    ranks of a phantom group draw alike); nothing for a checkpoint without them."""
+    if not saved:
+        return
+    states = saved[rank] if len(saved) == world_size else saved[0]
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _slot(param: Tensor, md) -> Tensor:

@@ -84,14 +84,15 @@ class Batches:
 
 
 class Regression(L.LightningModule):
-    def __init__(self, optimizer: str = "adam", lr: float = 0.02) -> None:
+    def __init__(self, optimizer: str = "adam", lr: float = 0.02, dropout: float = 0.0) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(D_IN, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(),
                                  nn.Linear(WIDTH, D_OUT))
         self.optimizer, self.lr = optimizer, lr
+        self.drop = nn.Dropout(dropout) if dropout else None  # on the input: masks from torch's global RNG
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.drop(x) if self.drop is not None else x)
 
     def training_step(self, batch, batch_idx):
         return F.mse_loss(self(batch[0]), batch[1])
@@ -193,7 +194,7 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
         every: int = 3, resume: Optional[str] = None, timeout: float = 60.0, kill_at: Optional[int] = None,
         crash_in_save: Optional[int] = None, slow: float = 0.0, ghosts: Any = "auto",
         probe: bool = False, accelerator: str = "cpu", precision: str = "32-true", data_parallel: str = "ddp",
-        clip: Optional[float] = None, accumulate: int = 1) -> dict[str, Any]:
+        clip: Optional[float] = None, accumulate: int = 1, dropout: float = 0.0) -> dict[str, Any]:
     """Train; return this rank's final weights (whole), losses, (``probe``) outputs on fixed inputs by
     step, and ``storage``: bytes of parameters and optimizer state this rank holds."""
     L.seed_everything(0, verbose=False)
@@ -212,7 +213,7 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
                         accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=bool(ckpt_dir))
     trainer_box.append(trainer)
-    model = Regression(optimizer, lr)
+    model = Regression(optimizer, lr, dropout)
     loader = Batches(rows, batch_size, phantom)
     loader.trainer = trainer
     trainer.fit(model, loader, ckpt_path=resume)
