@@ -69,11 +69,42 @@ def one_rank_fails(tmp: str) -> dict:
             out[name] = (type(error).__name__, str(error), time.monotonic() - start)
     _, resumed = fitted(2, ckpt=str(path))  # the last good checkpoint, after every failure
     out["good"] = all(torch.equal(resumed.state_dict()[k], v) for k, v in good.items())
+    out["other format"] = load_another_format(path, Path(tmp) / "v-next.ckpt")
     return out
 
 
-def test_a_step_failing_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path):
-    ranks = run_ranks(2, one_rank_fails, str(tmp_path), timeout=150)
+def load_another_format(path: Path, other: Path) -> str:
+    """The same checkpoint, its meta.pt saying the next format version: resuming must refuse it."""
+    import shutil
+
+    if dist.get_rank() == 0:
+        shutil.copytree(path, other)
+        meta = torch.load(other / "meta.pt", weights_only=True)
+        meta["phantom"]["format"] = checkpoints.FORMAT_VERSION + 1
+        torch.save(meta, other / "meta.pt")
+    dist.barrier()
+    try:
+        fitted(2, ckpt=str(other))
+    except ValueError as error:
+        return str(error)
+    return "loaded"
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory) -> tuple[list, Path]:
+    tmp = tmp_path_factory.mktemp("failures")
+    return run_ranks(2, one_rank_fails, str(tmp), timeout=150), tmp
+
+
+def test_a_checkpoint_of_another_format_is_refused(failures):
+    version = checkpoints.FORMAT_VERSION
+    for rank in failures[0]:
+        assert f"v-next.ckpt' is in PhantomStrategy checkpoint format {version + 1}; this version of " \
+               f"lightning-phantom reads format {version}" in rank["other format"]
+
+
+def test_a_step_failing_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(failures):
+    ranks, tmp_path = failures
     expected = {  # every rank raises the failed rank's error type, with what failed where
         "discard": ("PermissionError", "Removing what an interrupted save left at", 0),
         "mkdir": ("OSError", "Creating the checkpoint folder", 1),
@@ -90,7 +121,7 @@ def test_a_step_failing_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoi
             assert f"failed on rank(s) {failed} of 2, so every rank stopped here: rank {failed}: " in message
             assert seconds < 10, (name, seconds)  # not the 60 s timeout
         assert rank["good"]
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["last.ckpt", "v-next.ckpt"]
 
 
 # ------------------------------------------------ a cut between the two renames, where the swap is unavailable
