@@ -24,8 +24,10 @@ from lightning_phantom.strategy.data_parallel import DataAxis
 
 STEPS, EVERY = 6, 3
 # Clipping on (the norm of the whole model must sum FSDP's parts over the replicas too), and the
-# non-finite guard, on by default, reads FSDP's sharded gradients.
-RUN = dict(devices=4, phantom=2, steps=STEPS, every=EVERY, rows=64, batch_size=8, clip=0.05)
+# non-finite guard, on by default, reads FSDP's sharded gradients. Adam and clipping would hide a
+# gradient off by a constant factor from the losses and weights: each step's averaged gradients
+# (before clipping) are compared too.
+RUN = dict(devices=4, phantom=2, steps=STEPS, every=EVERY, rows=64, batch_size=8, clip=0.05, grads=True)
 
 
 def both_modes_and_cross_resume(tmp: str) -> dict:
@@ -52,6 +54,11 @@ def _same_run(run: dict, reference: dict) -> None:
     assert run["state"].keys() == reference["state"].keys()
     for name in reference["state"]:
         torch.testing.assert_close(run["state"][name], reference["state"][name], rtol=1e-5, atol=1e-5)
+    assert len(run["grads"]) == len(reference["grads"]) > 0
+    for step, (grads, expected) in enumerate(zip(run["grads"], reference["grads"])):
+        assert grads.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -81,7 +88,8 @@ def test_resume_across_modes_is_exact(runs):
         for mode, other in (("fsdp", "ddp"), ("ddp", "fsdp")):
             resumed, whole = rank[f"{mode}<-{other}"], rank[other]
             assert resumed["step"] == STEPS
-            _same_run({**resumed, "losses": [*whole["losses"][:EVERY], *resumed["losses"]]}, whole)
+            _same_run({**resumed, "losses": [*whole["losses"][:EVERY], *resumed["losses"]],
+                       "grads": [*whole["grads"][:EVERY], *resumed["grads"]]}, whole)
 
 
 def test_bad_data_parallel_mode_fails_in_the_constructor():
