@@ -360,3 +360,21 @@ def test_buffers_are_rank_0s_before_every_forward_and_in_the_checkpoint(tmp_path
     for rank in ranks:
         assert rank["plain"]["broadcasts"] == 0  # no floating buffers: nothing sent
         assert rank["batchnorm"]["broadcasts"] == 3  # before steps 2 and 3, and before the checkpoint
+
+
+# ---------------------------------------------------------------- bf16-mixed and to_dense under fsdp
+def bf16_in_both_modes_then_export() -> dict:
+    run = dict(devices=4, phantom=2, steps=4, rows=64, batch_size=8, precision="bf16-mixed", optimizer="sgd", lr=0.1)
+    return {mode: job(data_parallel=mode, export=True, **run) for mode in ("ddp", "fsdp")}
+
+
+def test_bf16_mixed_under_fsdp_trains_as_under_ddp_and_exports_to_dense():
+    for rank in run_ranks(4, bf16_in_both_modes_then_export):
+        ddp, fsdp = rank["ddp"], rank["fsdp"]
+        assert len(fsdp["losses"]) == 4 and all(torch.isfinite(torch.tensor(fsdp["losses"])))
+        # The same bfloat16 arithmetic; only the float32 gradient sums are ordered differently.
+        torch.testing.assert_close(torch.tensor(fsdp["losses"]), torch.tensor(ddp["losses"]), rtol=1e-3, atol=1e-4)
+        for name, value in ddp["state"].items():
+            torch.testing.assert_close(fsdp["state"][name], value, rtol=1e-3, atol=1e-4)
+        for mode in (ddp, fsdp):  # to_dense of what each mode trained computes what the shards compute
+            assert mode["export_error"] < 1e-5

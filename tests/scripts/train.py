@@ -201,10 +201,11 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
         crash_in_save: Optional[int] = None, slow: float = 0.0, ghosts: Any = "auto",
         probe: bool = False, accelerator: str = "cpu", precision: str = "32-true", data_parallel: str = "ddp",
         clip: Optional[float] = None, accumulate: int = 1, dropout: float = 0.0,
-        grads: bool = False) -> dict[str, Any]:
+        grads: bool = False, export: bool = False) -> dict[str, Any]:
     """Train; return this rank's final weights (whole), losses, (``probe``) outputs on fixed inputs by
-    step, (``grads``) each step's averaged gradients, whole, and ``storage``: bytes of parameters and
-    optimizer state this rank holds."""
+    step, (``grads``) each step's averaged gradients, whole, (``export``) the largest difference between
+    the trained model's outputs and those of its ``lp.to_dense`` export, and ``storage``: bytes of
+    parameters and optimizer state this rank holds."""
     L.seed_everything(0, verbose=False)
     trainer_box: list = []
     if crash_in_save is not None:
@@ -225,7 +226,12 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
     loader = Batches(rows, batch_size, phantom)
     loader.trainer = trainer
     trainer.fit(model, loader, ckpt_path=resume)
-    return {"rank": trainer.global_rank, "losses": steps_cb.losses, "step": trainer.global_step,
+    exported = None
+    if export:  # a collective: every rank gets the dense model, whatever the data axis sharded
+        x = dataset(rows)[0][:16]
+        with torch.no_grad():
+            exported = (lp.to_dense(model)(x) - model(x)).abs().max().item()
+    return {"export_error": exported,"rank": trainer.global_rank, "losses": steps_cb.losses, "step": trainer.global_step,
             "state": {k: _whole(v).detach().cpu().clone() for k, v in model.state_dict().items()},
             "outputs": {step: out.cpu() for step, out in steps_cb.outputs.items()}, "grads": steps_cb.stepped,
             "storage": _storage(model, trainer.optimizers), "overlapped": strategy.data_axis.overlapped_steps}
