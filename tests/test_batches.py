@@ -179,3 +179,9 @@ def test_fingerprints_see_order_shape_and_every_element():
     assert all(fingerprint(c).item() != base for c in changes)
     assert fingerprint((x.clone(), {"y": torch.ones(3, dtype=torch.bool)})).item() == base
     assert fingerprint(["no tensors"]) is None
+    # Three whole periods of the position weights (2^16 8-byte words, 2^17 float32) and a tail: two
+    # periods that trade places change it (the periods are folded in order).
+    period = 1 << 17
+    big = torch.randn(3 * period + 100)
+    swapped = torch.cat([big[period:2 * period], big[:period], big[2 * period:]])
+    assert fingerprint(swapped).item() != fingerprint(big).item() == fingerprint(big.clone()).item()

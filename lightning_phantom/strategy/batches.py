@@ -11,8 +11,8 @@ the batch one:
   own function first, seeded by the *data-parallel* rank (what the global rank is to DDP):
   the replicas draw differently, the ranks of a phantom group alike. With phantom(1) it is
   exactly Lightning's seeding.
-* ``BatchCheck``: a 64-bit fingerprint of every training batch (exact integer arithmetic
-  mod 2^64, so the order of a reduction cannot change it), folded over the batches of an
+* ``BatchCheck``: a 64-bit fingerprint of every training batch (integer arithmetic mod 2^64,
+  which no order of a reduction can change), folded over the batches of an
   optimizer step, compared over the phantom group inside the all-reduce of replicated
   gradients the strategy sends every step anyway (``riders``), so it costs no collective.
   The fingerprint is cut into c small integers h_i of b bits; the group sums h_i and h_i²,
@@ -37,7 +37,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 
 _MASK64 = (1 << 64) - 1
 _MIX = 0x9E3779B97F4A7C15  # odd: multiplying by it mod 2^64 is a bijection (Fibonacci hashing)
-_PERIOD = 1 << 16  # words per period of the position weights (256 KiB of int32 per device)
+_PERIOD = 1 << 16  # words per period of the position weights (512 KiB of int64 per device)
 _MANTISSA = {torch.float64: 53, torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 
 
@@ -75,40 +75,45 @@ _WEIGHTS: dict[torch.device, Tensor] = {}
 
 
 def _weights(device: torch.device) -> Tensor:
-    """Odd pseudo-random int32 weight per position in a period, the same on every rank."""
+    """Odd pseudo-random int64 weight per position in a period, the same on every rank."""
     if device not in _WEIGHTS:
         g = torch.Generator().manual_seed(0x5EED)
-        odd = torch.randint(-(1 << 30), 1 << 30, (_PERIOD,), generator=g, dtype=torch.int32) * 2 + 1
+        odd = torch.randint(-(1 << 62), 1 << 62, (_PERIOD,), generator=g, dtype=torch.int64) * 2 + 1
         _WEIGHTS[device] = odd.to(device)
     return _WEIGHTS[device]
 
 
 def _words(t: Tensor) -> Tensor:
-    """The tensor's bytes as a 1-D int32 tensor (4-byte words, or one per byte if they do not divide)."""
+    """The tensor's bytes as a 1-D tensor of 8-byte words (4-byte ones, or bytes, if they do not divide)."""
     flat = t.detach().contiguous().view(-1)
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
-    try:
-        return flat.view(torch.int32)
-    except RuntimeError:  # a size or offset not a multiple of 4 bytes
-        return flat.view(torch.uint8).to(torch.int32)
+    for dtype in (torch.int64, torch.int32):
+        try:
+            return flat.view(dtype)
+        except RuntimeError:  # a size or offset not a multiple of the word
+            pass
+    return flat.view(torch.uint8)
 
 
 def tensor_fingerprint(t: Tensor) -> Tensor:
-    """Σ word_i · w_(i mod period), exact in int64 (0-d, on the tensor's device; no host sync).
+    """Σ word_i · w_(i mod period), in int64 arithmetic mod 2^64 (0-d, on the tensor's device; no host sync).
 
-    Each product is taken mod 2^32 (int32 wraps), a bijection of the word for an odd weight,
-    and the sum of at most 2^32 of them cannot overflow int64: a changed, moved or swapped
-    value changes it (unless two whole periods trade places).
+    Multiplying by an odd weight is a bijection mod 2^64, so a changed, moved or swapped word
+    changes the sum; periods are folded in order (Horner), so swapped periods change it too.
+    On a CPU each period's product stays in cache (no batch-sized temporary); elsewhere 64
+    periods go per multiply, for few kernel launches.
     """
-    words = _words(t)
-    weights = _weights(words.device)
-    n, whole = words.numel(), words.numel() // _PERIOD * _PERIOD
-    total = (words[whole:] * weights[:n - whole]).sum(dtype=torch.int64)
-    if whole:
-        total = total + (words[:whole].view(-1, _PERIOD) * weights).sum(dtype=torch.int64)
+    words, weights = _words(t), _weights(t.device)
+    n = words.numel()
+    whole = n // _PERIOD * _PERIOD
+    total = (words[whole:].to(torch.int64) * weights[:n - whole]).sum()
+    periods = words[:whole].view(-1, _PERIOD)
+    block = 1 if words.device.type == "cpu" else 64
+    for start in range(0, periods.shape[0], block):
+        total = total * _wrap(_MIX) + (periods[start:start + block].to(torch.int64) * weights).sum()
     return total
 
 
@@ -146,6 +151,7 @@ class BatchCheck:
     def __init__(self, phantom: int) -> None:
         self.phantom = phantom
         self._print: Optional[Tensor] = None  # folded fingerprint of the batches since the last step
+        self._shifts: dict[tuple, Tensor] = {}  # (device, bits) -> where each hash starts in the fingerprint
 
     def add(self, batch: Any) -> None:
         value = fingerprint(batch)
@@ -161,16 +167,16 @@ class BatchCheck:
         """
         value, self._print = self._print, None
         bits = hash_bits(dtype, self.phantom)
-        count = -(-64 // bits)
+        if (device, bits) not in self._shifts:
+            self._shifts[device, bits] = torch.arange(0, 64, bits, device=device)
         value = torch.zeros((), dtype=torch.int64, device=device) if value is None else value.to(device)
-        shifts = torch.arange(0, count * bits, bits, device=device).clamp(max=63)
-        h = (torch.bitwise_right_shift(value, shifts) & ((1 << bits) - 1)).to(dtype)
+        h = (torch.bitwise_right_shift(value, self._shifts[device, bits]) & ((1 << bits) - 1)).to(dtype)
         return torch.cat([h, h * h]) * self.phantom
 
     def mismatch(self, sums: Tensor) -> Tensor:
-        """From ``riders`` summed over the group (divided by p): 1.0 if some rank's batch differed, else 0.0."""
-        h, squares = sums.double().chunk(2)
-        return (squares * self.phantom != h * h).any().float()
+        """From ``riders`` summed over the group (divided by p): True if some rank's batch differed (0-d)."""
+        h, squares = sums.chunk(2)  # integers, and so are these products: exact (hash_bits)
+        return (squares * self.phantom != h * h).any()
 
 
 def mismatch_error(step: int, where: str, groups: int, data: int, phantom: int) -> BatchMismatchError:

@@ -20,14 +20,15 @@ read of three flags per step (the guard reads its verdict there already).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from lightning_phantom.strategy.batches import mismatch_error, rider_dtype
+from lightning_phantom.strategy.batches import BatchCheck, mismatch_error, rider_dtype
 from lightning_phantom.strategy.data_parallel import average_replicated_gradients, replicated_gradients
+from lightning_phantom.strategy.guards import NonFiniteGuard
 
 
 class MissingGradientError(RuntimeError):
@@ -41,7 +42,21 @@ class MissingGradientError(RuntimeError):
         self.step, self.shapes = step, shapes
 
 
-def finish_step(strategy: Any, optimizer: Optimizer) -> None:
+class SteppingStrategy(Protocol):
+    """What ``finish_step`` uses of ``PhantomStrategy``."""
+
+    layout: Any  # PhantomLayout
+    data_axis: Any  # DataAxis
+    phantom_group: Any
+    data_parallel_group: Any
+    root_device: torch.device
+    lightning_module: Any
+    _guard: Optional[NonFiniteGuard]
+    _batch_check: Optional[BatchCheck]
+    _sharded: set[int]  # id() of the parameters split over the phantom group
+
+
+def finish_step(strategy: SteppingStrategy, optimizer: Optimizer) -> None:
     """Average this step's gradients and agree, on every rank, that the step may be taken (see above)."""
     layout, guard, check = strategy.layout, strategy._guard, strategy._batch_check
     verdict = guard.local_verdict(optimizer) if guard is not None else None
