@@ -59,8 +59,8 @@ class NonFiniteGuard(Callback):
     Cost per optimizer step: one ``sum`` per gradient (with ``data_parallel="ddp"``, one per
     bucket, taken in the buckets' own pass), one host sync, and under ``PhantomStrategy`` no
     collective of its own on the phantom axis: its verdict rides on the strategy's all-reduce
-    of replicated gradients (with data-parallel replicas, plus one all-reduce of one number
-    over the data axis; under another strategy, one over the world). The sums are one
+    of replicated gradients (with data-parallel replicas, plus the all-reduce of the step's
+    three flags over the data axis, ``strategy.step``; under another strategy, one over the world). The sums are one
     streaming read of the gradients: ~1.3% of a CPU step at n = 4096 and 1.7-1.9% at n = 1024
     (``benchmarks/overheads.py``); ``torch._foreach_norm(inf)``, not vectorised on CPU, cost
     4-8x more. A sum is non-finite whenever one of its terms is, so a finite sum clears its
