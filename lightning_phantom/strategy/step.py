@@ -80,7 +80,7 @@ def finish_step(strategy: SteppingStrategy, optimizer: Optimizer) -> None:
     flags[2] = len(missing)
     if layout.data > 1 and (guard is not None or check is not None or strategy.data_axis.buckets is not None):
         dist.all_reduce(flags, group=strategy.data_parallel_group)
-    non_finite, differ, absent = flags.tolist()  # the one host read of the step
+    _, differ, absent = flags.tolist()  # the one host read of the step (the guard reads flags[0] later)
     trainer = strategy.lightning_module.trainer
     if differ:
         raise mismatch_error(trainer.global_step, _where(trainer), int(differ), layout.data, layout.phantom)

@@ -7,8 +7,8 @@ strategy writes into ``staging_path(path)`` (hidden, and not named ``*.ckpt``, s
 search for ``last.ckpt`` never picks it up) and ``publish``-es it once every rank is done:
 one ``renameat2(RENAME_EXCHANGE)`` swaps old and new where Linux supports it; elsewhere (NFS,
 Lustre) the old one is renamed to ``previous_path(path)`` first, and if the crash came between
-the two renames, ``ckpt_path="last"`` finds it there, and loading ``path`` falls back to it. DCP's ``.metadata`` is a pickle: ``SafeFileSystemReader``
-reads it admitting only DCP's own classes.
+the two renames, ``ckpt_path="last"`` finds it there, and loading ``path`` falls back to it.
+DCP's ``.metadata`` is a pickle: ``SafeFileSystemReader`` reads it admitting only DCP's own classes.
 """
 
 from __future__ import annotations

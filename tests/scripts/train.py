@@ -231,7 +231,8 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
         x = dataset(rows)[0][:16]
         with torch.no_grad():
             exported = (lp.to_dense(model)(x) - model(x)).abs().max().item()
-    return {"export_error": exported,"rank": trainer.global_rank, "losses": steps_cb.losses, "step": trainer.global_step,
+    return {"rank": trainer.global_rank, "losses": steps_cb.losses, "step": trainer.global_step,
+            "export_error": exported,
             "state": {k: _whole(v).detach().cpu().clone() for k, v in model.state_dict().items()},
             "outputs": {step: out.cpu() for step, out in steps_cb.outputs.items()}, "grads": steps_cb.stepped,
             "storage": _storage(model, trainer.optimizers), "overlapped": strategy.data_axis.overlapped_steps}
