@@ -23,9 +23,15 @@ Variants:
 * ``data-parallel average`` — only with ``--data-parallel``: 2 replicas of phantom(1); the
   strategy's bucketed average against a per-tensor in-place all-reduce of the same gradients.
 
-Every step, whatever the variant: the CPU time inside the all-reduce of replicated gradients
-(which also carries the guard's verdict) and, with ``--data-parallel``, inside the gradient
-buckets' hooks (flatten, start the all-reduce, write the mean back), as shares of a step.
+Every step, whatever the variant, the CPU time inside what the strategy always does, as shares
+of a step: the batch check (``BatchCheck``: the fingerprint of each batch, the hashes it adds to
+the next all-reduce and their verdict; phantom groups of 2 or more), the buffer broadcast
+(``BufferSync``: data-parallel rank 0's buffers to the replicas; with ``--data-parallel
+--batchnorm``, where there are some), the all-reduce of replicated gradients (which also carries
+the guard's verdict and the batch hashes) and, with ``--data-parallel``, the gradient buckets'
+hooks (flatten, start the all-reduce, write the mean back). 0 where it is inactive.
+
+``--batchnorm`` puts a BatchNorm1d after every hidden Linear of the user's FFN.
 
 Per fit, not per step: the per-FFN cost line the strategy logs at set-up
 (``lightning_phantom.cost.model.summary``) is timed on its own and given in steps' worth.
@@ -54,10 +60,13 @@ D_IN, D_OUT, ROWS, DEPTH = 256, 16, 256, 4
 
 
 # ----------------------------------------------------------------- the user's model
-def user_ffn(width: int, d_in: int = D_IN, d_out: int = D_OUT, depth: int = DEPTH) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(d_in, width)]
+def user_ffn(width: int, d_in: int = D_IN, d_out: int = D_OUT, depth: int = DEPTH,
+             batchnorm: bool = False) -> nn.Sequential:
+    """With ``batchnorm``, a BatchNorm1d after every hidden Linear (running statistics: buffers that change)."""
+    norm = (lambda: [nn.BatchNorm1d(width)]) if batchnorm else list
+    layers: list[nn.Module] = [nn.Linear(d_in, width), *norm()]
     for _ in range(depth):
-        layers += [nn.ReLU(), nn.Linear(width, width)]
+        layers += [nn.ReLU(), nn.Linear(width, width), *norm()]
     return nn.Sequential(*layers, nn.ReLU(), nn.Linear(width, d_out))
 
 
@@ -69,7 +78,7 @@ def make_optimizer(name: str, params, lr: float = 1e-3) -> torch.optim.Optimizer
     return kinds[name](params, lr=lr)
 
 
-def user_module(width: int, optimizer: str = "sgd", tensor_parallel: bool = False):
+def user_module(width: int, optimizer: str = "sgd", tensor_parallel: bool = False, batchnorm: bool = False):
     """A plain LightningModule around ``user_ffn``; with ``tensor_parallel`` its configure_model
     applies ``parallelize_ffn`` (what a ModelParallelStrategy user writes)."""
     import lightning.pytorch as pl
@@ -77,7 +86,7 @@ def user_module(width: int, optimizer: str = "sgd", tensor_parallel: bool = Fals
     class UserModule(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = user_ffn(width)
+            self.net = user_ffn(width, batchnorm=batchnorm)
             self.parallelized = False
 
         def configure_model(self) -> None:
@@ -217,19 +226,26 @@ def _in_place_average(optimizer, layout, data_group, device) -> None:
                 p.grad.div_(layout.data)
 
 
-def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parallel: bool) -> dict:
+def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parallel: bool,
+                      batchnorm: bool = False) -> dict:
     import lightning.pytorch as pl
 
     import lightning_phantom.strategy.data_parallel as phantom_module  # where DataAxis finds it
-    import lightning_phantom.strategy.phantom as strategy_module
+    import lightning_phantom.strategy.step as step_module
+    from lightning_phantom.strategy.batches import BatchCheck
+    from lightning_phantom.strategy.buffers import BufferSync
     from lightning_phantom.energy import EnergyMonitor
     from lightning_phantom.strategy import NonFiniteGuard, PhantomStrategy
     from lightning_phantom.strategy.grad_buckets import GradientBuckets
 
-    # What the strategy does every step whatever the variant: CPU time inside it, per step.
+    # What the strategy does every step whatever the variant: CPU time inside it, per step (0: inactive).
     always: dict[str, float] = {}
-    restore = [_timed(strategy_module, "average_replicated_gradients", always, "replicated-gradient average")]
+    labels = ["batch check", "buffer broadcast", "replicated-gradient average"]
+    restore = [_timed(BatchCheck, name, always, "batch check") for name in ("add", "riders", "mismatch")]
+    restore += [_timed(BufferSync, name, always, "buffer broadcast") for name in ("before_batch", "before_save")]
+    restore += [_timed(step_module, "average_replicated_gradients", always, "replicated-gradient average")]
     if data_parallel:
+        labels.insert(2, "data-parallel buckets")
         restore += [_timed(GradientBuckets, name, always, "data-parallel buckets")
                     for name in ("_ready", "finish")]
 
@@ -272,7 +288,7 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
                          callbacks=[Cycle(), guard, old, energy], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          default_root_dir=tempfile.mkdtemp(prefix="overheads-"))  # energy_summary.json
-    trainer.fit(user_module(width), user_data(steps))
+    trainer.fit(user_module(width, batchnorm=batchnorm), user_data(steps))
     phantom_module.average_gradients = bucketed
     for undo in restore:
         undo()
@@ -306,8 +322,9 @@ def _overheads_worker(rank: int, world: int, width: int, steps: int, data_parall
     by_hook = {v: {h: t / on_steps[v] for cb in variants[v] for h, t in getattr(cb, "by_hook", {}).items()}
                for v in names}
     return {"width": width, "steps_per_variant": len(wall["baseline"]), "data_parallel": data_parallel,
-            "by_hook": by_hook, "always": {label: t / bucket_steps if "buckets" in label else t / len(order)
-                                           for label, t in always.items()},
+            "by_hook": by_hook, "batchnorm": batchnorm,
+            "always": {label: always.get(label, 0.0) / (bucket_steps if "buckets" in label else len(order))
+                       for label in labels},
             "wall": wall, "cpu": cpu, "paired": paired, "in_hooks": in_hooks, "cost_log_s": log_s}
 
 
@@ -364,6 +381,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=64, help="training steps per run, cycled over the variants")
     parser.add_argument("--data-parallel", action="store_true",
                         help="also measure the data-parallel average (2 replicas of phantom(1))")
+    parser.add_argument("--batchnorm", action="store_true",
+                        help="a BatchNorm1d after every hidden Linear: buffers the replicas keep equal every step")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.steps < 16:  # 4 variants: 2 cycles of warm-up, then at least 2 measured steps each
@@ -373,15 +392,16 @@ def main(argv=None) -> None:
     for width in args.widths:
         if width % 2:
             parser.error(f"width {width} is not divisible by p = 2")
-        rows += table(launch(_overheads_worker, 2, width, args.steps, False))
+        rows += table(launch(_overheads_worker, 2, width, args.steps, False, args.batchnorm))
         if args.data_parallel:
-            rows += table(launch(_overheads_worker, 2, width, args.steps, True))[:-1]
+            rows += table(launch(_overheads_worker, 2, width, args.steps, True, args.batchnorm))[:-1]
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return
-    print(f"PhantomStrategy(ghosts=32) defaults, user FFN [{D_IN}, n x {DEPTH + 1}, {D_OUT}], {ROWS} rows, SGD, "
-          f"2 gloo ranks x 1 thread; {args.steps} steps per run, variants cycled per step.")
+    norm = ", BatchNorm1d after each hidden Linear" if args.batchnorm else ""
+    print(f"PhantomStrategy(ghosts=32) defaults, user FFN [{D_IN}, n x {DEPTH + 1}, {D_OUT}]{norm}, {ROWS} rows, "
+          f"SGD, 2 gloo ranks x 1 thread; {args.steps} steps per run, variants cycled per step.")
     print_table(rows)
 
 

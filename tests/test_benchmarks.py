@@ -112,14 +112,18 @@ def test_overheads_benchmark_times_every_feature_and_what_the_strategy_always_do
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     variants = [r["variant"] for r in rows]
-    assert variants == ["baseline", "guard", "guard, max-abs pass", "energy",
+    always = ["batch check (every step)", "buffer broadcast (every step)"]
+    assert variants == ["baseline", "guard", "guard, max-abs pass", "energy", *always,
                         "replicated-gradient average (every step)", "cost log line (per fit)", "baseline",
                         "data-parallel average: in place, per tensor", "guard (summing in the buckets' pass)",
-                        "data-parallel buckets (every step)", "replicated-gradient average (every step)"]
-    by_name = {r["variant"]: r for r in rows[:6]}
-    # each feature's hooks ran while it was on, and the strategy's all-reduce every step
-    for name in ("guard", "guard, max-abs pass", "energy", "replicated-gradient average (every step)"):
+                        *always, "data-parallel buckets (every step)", "replicated-gradient average (every step)"]
+    by_name = {r["variant"]: r for r in rows[:8]}
+    # each feature's hooks ran while it was on, and what the strategy does every step: the batch
+    # check on phantom(2), and the replicated-gradient all-reduce
+    for name in ("guard", "guard, max-abs pass", "energy", "batch check (every step)",
+                 "replicated-gradient average (every step)"):
         assert by_name[name]["in_hooks_ms"] > 0, name
-    assert rows[7]["in_hooks_ms"] > 0 and rows[8]["in_hooks_ms"] > 0 and rows[9]["in_hooks_ms"] > 0
+    assert rows[9]["in_hooks_ms"] > 0 and rows[10]["in_hooks_ms"] > 0 and rows[13]["in_hooks_ms"] > 0
+    assert rows[11]["in_hooks_ms"] == 0  # data(2) x phantom(1): no phantom group to check
     assert subprocess.run([sys.executable, str(BENCHMARKS / "overheads.py"), "--steps", "6"], env=env,
                           capture_output=True, text=True).returncode == 2  # too few steps: a clear refusal

@@ -9,21 +9,25 @@ each mode resumes exactly from the other's checkpoints.
 
 from __future__ import annotations
 
+import time
 from unittest import mock
 
+import lightning as L
 import pytest
 import torch
 
 from conftest import run_ranks
-from scripts.train import job
+from scripts.train import Batches, Regression, job
 
 import lightning_phantom as lp
 from lightning_phantom.strategy.data_parallel import DataAxis
 
 STEPS, EVERY = 6, 3
 # Clipping on (the norm of the whole model must sum FSDP's parts over the replicas too), and the
-# non-finite guard, on by default, reads FSDP's sharded gradients.
-RUN = dict(devices=4, phantom=2, steps=STEPS, every=EVERY, rows=64, batch_size=8, clip=0.05)
+# non-finite guard, on by default, reads FSDP's sharded gradients. Adam and clipping would hide a
+# gradient off by a constant factor from the losses and weights: each step's averaged gradients
+# (before clipping) are compared too.
+RUN = dict(devices=4, phantom=2, steps=STEPS, every=EVERY, rows=64, batch_size=8, clip=0.05, grads=True)
 
 
 def both_modes_and_cross_resume(tmp: str) -> dict:
@@ -50,6 +54,11 @@ def _same_run(run: dict, reference: dict) -> None:
     assert run["state"].keys() == reference["state"].keys()
     for name in reference["state"]:
         torch.testing.assert_close(run["state"][name], reference["state"][name], rtol=1e-5, atol=1e-5)
+    assert len(run["grads"]) == len(reference["grads"]) > 0
+    for step, (grads, expected) in enumerate(zip(run["grads"], reference["grads"])):
+        assert grads.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -79,7 +88,8 @@ def test_resume_across_modes_is_exact(runs):
         for mode, other in (("fsdp", "ddp"), ("ddp", "fsdp")):
             resumed, whole = rank[f"{mode}<-{other}"], rank[other]
             assert resumed["step"] == STEPS
-            _same_run({**resumed, "losses": [*whole["losses"][:EVERY], *resumed["losses"]]}, whole)
+            _same_run({**resumed, "losses": [*whole["losses"][:EVERY], *resumed["losses"]],
+                       "grads": [*whole["grads"][:EVERY], *resumed["grads"]]}, whole)
 
 
 def test_bad_data_parallel_mode_fails_in_the_constructor():
@@ -184,3 +194,187 @@ def test_buckets_average_in_place_or_into_views_and_show_the_guard_local_values(
         for indices, values in out["seen"]:
             want = torch.cat([torch.full(SHAPES[i], (i + 1) * (rank + 1) / 2).flatten() for i in indices])
             torch.testing.assert_close(values.flatten(), want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- manual optimization
+class TwoBackwards(Regression):
+    """Manual optimization: two ``manual_backward`` calls (the batch's two halves) before each step."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="sgd", lr=0.1)
+        self.automatic_optimization = False
+        self.means: list[dict] = []  # per step: the plain mean over the replicas of this rank's gradients
+        self.stepped: list[dict] = []  # per step: the gradients the optimizer stepped with
+
+    def training_step(self, batch, batch_idx):
+        import torch.nn.functional as F
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        halves = [F.mse_loss(self(x), y) for x, y in zip(batch[0].chunk(2), batch[1].chunk(2))]
+        params = dict(self.named_parameters())
+        # The reference, without touching .grad: the sum of both backwards' gradients, averaged over
+        # the replicas of this rank's shard by a plain all-reduce.
+        local = torch.autograd.grad(sum(halves), list(params.values()), retain_graph=True)
+        group = self.trainer.strategy.data_parallel_group
+        means = {}
+        for name, g in zip(params, local):
+            g = g.clone()
+            torch.distributed.all_reduce(g, group=group)
+            means[name] = g / torch.distributed.get_world_size(group)
+        self.means.append(means)
+        for loss in halves:
+            self.manual_backward(loss)
+        optimizer.step()
+
+    def on_before_optimizer_step(self, optimizer):
+        self.stepped.append({n: p.grad.clone() for n, p in self.named_parameters()})
+
+
+def manual_optimization_gradients() -> list:
+    L.seed_everything(0)
+    model = TwoBackwards()
+    loader = Batches(rows=64, batch_size=8, phantom=2)
+    trainer = L.Trainer(accelerator="cpu", devices=4, strategy=lp.PhantomStrategy(phantom_parallel_size=2),
+                        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    loader.trainer = trainer
+    trainer.fit(model, loader)
+    return [(means, stepped) for means, stepped in zip(model.means, model.stepped)]
+
+
+def test_manual_optimization_steps_with_the_mean_of_every_backward():
+    for rank in run_ranks(4, manual_optimization_gradients):
+        assert len(rank) == 3
+        for means, stepped in rank:  # steps 2 and 3 are where overlapped buckets lost the second backward
+            assert means.keys() == stepped.keys()
+            for name in means:
+                torch.testing.assert_close(stepped[name], means[name], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- gradients on some replicas only
+class SometimesUnused(Regression):
+    """``head`` gets no gradient on data replica 1 at global step 2 (ranks 2 and 3): after the first step
+    armed the overlapped buckets."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="sgd", lr=0.1)
+        self.head = torch.nn.Linear(4, 4)
+        self.started = 0.0
+
+    def training_step(self, batch, batch_idx):
+        import torch.nn.functional as F
+
+        y = self(batch[0])
+        if not (self.trainer.global_step == 2 and self.global_rank >= 2):
+            y = self.head(y)
+        return F.mse_loss(y, batch[1])
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.started = time.monotonic()
+
+
+def gradient_on_some_replicas_only() -> dict:
+    from lightning_phantom.strategy.step import MissingGradientError
+
+    L.seed_everything(0)
+    model = SometimesUnused()
+    loader = Batches(rows=64, batch_size=8, phantom=2)
+    strategy = lp.PhantomStrategy(phantom_parallel_size=2, timeout=30)
+    trainer = L.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    loader.trainer = trainer
+    try:
+        trainer.fit(model, loader)
+        return {"error": None}
+    except MissingGradientError as e:
+        return {"error": str(e), "step": e.step, "shapes": e.shapes, "seconds": time.monotonic() - model.started,
+                "overlapped": strategy.data_axis.overlapped_steps}
+
+
+def test_a_gradient_missing_on_some_replicas_stops_every_rank_at_once():
+    for rank in run_ranks(4, gradient_on_some_replicas_only, timeout=120):
+        assert rank["error"] is not None and rank["step"] == 2 and rank["overlapped"] == 2
+        assert rank["shapes"] == {2: [(4,), (4, 4)], 3: [(4,), (4, 4)]}  # head.bias, head.weight (bucket order)
+        assert "at global step 2 (epoch 0, batch 2) parameters got none on some replicas only" in rank["error"]
+        assert rank["seconds"] < 10  # not the 30 s collective timeout
+
+
+# ---------------------------------------------------------------- buffers
+class Normalised(Regression):
+    """BatchNorm1d outside the FFN (replicated over the phantom group) and inside it (sharded)."""
+
+    def __init__(self) -> None:
+        from torch import nn
+
+        super().__init__(optimizer="sgd", lr=0.1)
+        self.norm = nn.BatchNorm1d(6)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh(),
+                                 nn.Linear(8, 4))
+        self.seen: list[dict] = []  # each step's floating buffers as its forward is about to start
+
+    def forward(self, x):
+        return self.net(self.norm(x))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.seen.append({k: v.clone() for k, v in self.named_buffers() if v.is_floating_point()})
+
+
+def buffers_across_replicas(tmp: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = {}
+    for name, model in (("plain", Regression(optimizer="sgd")), ("batchnorm", Normalised())):
+        L.seed_everything(0)
+        loader = Batches(rows=64, batch_size=8, phantom=2)
+        checkpoint = ModelCheckpoint(dirpath=f"{tmp}/{name}", filename="{step}", every_n_train_steps=3)
+        trainer = L.Trainer(accelerator="cpu", devices=4, strategy=lp.PhantomStrategy(phantom_parallel_size=2),
+                            max_steps=3, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        loader.trainer = trainer
+        trainer.fit(model, loader)
+        out[name] = {"broadcasts": trainer.strategy._buffers.broadcasts, "seen": getattr(model, "seen", None),
+                     "final": {k: v.clone() for k, v in model.named_buffers() if v.is_floating_point()}}
+    keys = trainer.strategy.shard_keys()
+    saved = {f"model::{keys.get(k, k)}": torch.empty_like(v) for k, v in out["batchnorm"]["final"].items()}
+    dcp.load(saved, checkpoint_id=f"{tmp}/batchnorm/step=3.ckpt", no_dist=True)
+    out["saved"] = {k.split("::")[1].split("|")[0]: v for k, v in saved.items()}
+    return out
+
+
+def test_buffers_are_rank_0s_before_every_forward_and_in_the_checkpoint(tmp_path):
+    ranks = run_ranks(4, buffers_across_replicas, str(tmp_path))
+    for first, replica in ((0, 2), (1, 3)):  # the two replicas of each phantom rank
+        seen = [ranks[r]["batchnorm"]["seen"] for r in (first, replica)]
+        for step in range(3):  # equal before every forward; from step 2 on, after different batches
+            assert seen[0][step].keys() == {"norm.running_mean", "norm.running_var", "net.3.running_mean",
+                                            "net.3.running_var"}
+            for name, value in seen[0][step].items():
+                torch.testing.assert_close(seen[1][step][name], value, rtol=0, atol=0)
+        assert not torch.equal(seen[0][1]["net.3.running_mean"], seen[0][0]["net.3.running_mean"])  # they train
+        for rank in (first, replica):  # the checkpoint holds rank 0's, and so does every replica after it
+            for name, value in ranks[first]["batchnorm"]["final"].items():
+                torch.testing.assert_close(ranks[rank]["saved"][name], value, rtol=0, atol=0)
+                torch.testing.assert_close(ranks[rank]["batchnorm"]["final"][name], value, rtol=0, atol=0)
+    for rank in ranks:
+        assert rank["plain"]["broadcasts"] == 0  # no floating buffers: nothing sent
+        assert rank["batchnorm"]["broadcasts"] == 3  # before steps 2 and 3, and before the checkpoint
+
+
+# ---------------------------------------------------------------- bf16-mixed and to_dense under fsdp
+def bf16_in_both_modes_then_export() -> dict:
+    run = dict(devices=4, phantom=2, steps=4, rows=64, batch_size=8, precision="bf16-mixed", optimizer="sgd", lr=0.1)
+    return {mode: job(data_parallel=mode, export=True, **run) for mode in ("ddp", "fsdp")}
+
+
+def test_bf16_mixed_under_fsdp_trains_as_under_ddp_and_exports_to_dense():
+    for rank in run_ranks(4, bf16_in_both_modes_then_export):
+        ddp, fsdp = rank["ddp"], rank["fsdp"]
+        assert len(fsdp["losses"]) == 4 and all(torch.isfinite(torch.tensor(fsdp["losses"])))
+        # The same bfloat16 arithmetic; only the float32 gradient sums are ordered differently.
+        torch.testing.assert_close(torch.tensor(fsdp["losses"]), torch.tensor(ddp["losses"]), rtol=1e-3, atol=1e-4)
+        for name, value in ddp["state"].items():
+            torch.testing.assert_close(fsdp["state"][name], value, rtol=1e-3, atol=1e-4)
+        for mode in (ddp, fsdp):  # to_dense of what each mode trained computes what the shards compute
+            assert mode["export_error"] < 1e-5

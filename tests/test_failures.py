@@ -285,7 +285,9 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_whole(programs, tmp_p
 
     # A save cut between moving the old checkpoint aside and the new one in (see the test
     # below): the strategy loads the one set aside.
-    os.rename(ckpt / "step=12.ckpt", ckpt / ".step=12.ckpt.previous")
+    from lightning_phantom.strategy.storage import previous_path
+
+    os.rename(ckpt / "step=12.ckpt", previous_path(ckpt / "step=12.ckpt"))
     for got, want in zip(run_ranks(2, job, steps=12, resume=str(ckpt / "step=12.ckpt")), uninterrupted):
         assert got["step"] == 12 and got["losses"] == []
         assert all(torch.equal(got["state"][k], v) for k, v in want["state"].items())

@@ -100,3 +100,52 @@ def rms_norm_under_autocast() -> float:
 def test_rms_norm_keeps_its_float32_eps_under_bfloat16():
     for rank, error in enumerate(run_ranks(2, rms_norm_under_autocast)):
         assert error < 0.03, f"rank {rank}: phantom differs from dense by {error:.1%} under bf16"
+
+
+# ------------------------------------------------ the loss scaler with FSDP's DTensor and plain gradients
+def scaler_with_dtensor_and_plain_gradients() -> list:
+    """``data_parallel="fsdp"``'s gradients under ``16-mixed`` (CUDA-only in the strategy; the scaler itself
+    runs on CPU): an FFN's are DTensors sharded over the replicas, a head's plain tensors, in one optimizer.
+    Step 0 is clean; at step 1 one element of rank 1's shard is Inf."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from lightning_phantom.strategy.precision import SyncedGradScaler
+
+    def whole(t):
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (2,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scaler = SyncedGradScaler("cpu", init_scale=4.0)
+    rank, out = torch.distributed.get_rank(), []
+    for step in range(2):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(3, 4) + rank).square().sum()).backward()
+        if step == 1 and rank == 1:
+            model[0].weight.grad.to_local()[0, 0] = float("inf")
+        scaled = {n: whole(p.grad) for n, p in model.named_parameters()}
+        before = {n: whole(p) for n, p in model.named_parameters()}
+        kinds = {n: type(p.grad).__name__ for n, p in model.named_parameters()}
+        scaler.unscale_(optimizer)  # as clipping does; else step() unscales
+        unscaled = {n: whole(p.grad) for n, p in model.named_parameters()}
+        scaler.step(optimizer)
+        scaler.update()
+        out.append({"kinds": kinds, "scaled": scaled, "unscaled": unscaled, "before": before,
+                    "after": {n: whole(p) for n, p in model.named_parameters()}, "scale": scaler.get_scale()})
+    return out
+
+
+def test_synced_scaler_unscales_dtensor_and_plain_gradients_and_skips_together():
+    for rank, (clean, poisoned) in enumerate(run_ranks(2, scaler_with_dtensor_and_plain_gradients)):
+        assert set(clean["kinds"].values()) == {"DTensor", "Tensor"}
+        for name, scaled in clean["scaled"].items():  # unscaled exactly (a power of two), then stepped
+            torch.testing.assert_close(clean["unscaled"][name], scaled / 4, rtol=0, atol=0)
+            torch.testing.assert_close(clean["after"][name], clean["before"][name] - 0.5 * scaled / 4)
+        assert clean["scale"] == 4.0
+        # Rank 1's Inf: every rank skips the step and halves its scale.
+        assert all(torch.equal(poisoned["after"][n], poisoned["before"][n]) for n in poisoned["before"])
+        assert poisoned["scale"] == 2.0, rank

@@ -6,12 +6,14 @@ carries its phantom rank and group size (``model::net.2.compress|phantom1/2``): 
 collide, and the data-parallel replicas of a shard, identical under one key, are written
 once. Optimizer state is keyed the same way (``optimizer_0::net.2.compress|phantom1/2::exp_avg``).
 What is not a tensor goes to ``meta.pt`` (read with ``weights_only=True``) under
-``"phantom"``, with the format version, the layout and the non-tensor entries. Writing goes
+``"phantom"``, with the format version, the layout, the non-tensor entries and every rank's
+torch RNG states (``rng_states``, restored on load). Writing goes
 through ``storage`` (staging directory, atomic publish).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import uuid
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_phantom.nn.layers import sharded_buffers, sharded_parameters
+from lightning_phantom.strategy.agreement import agree
 from lightning_phantom.strategy.storage import (
     SafeFileSystemReader, discard, previous_path, publish, save_durably, staging_path,
 )
@@ -45,8 +48,7 @@ class CheckpointingStrategy(Protocol):
     lightning_module: Any
     optimizers: list[Optimizer]
     is_global_zero: bool
-
-    def barrier(self, name: Optional[str] = None) -> None: ...
+    root_device: torch.device
 
     def shard_keys(self) -> dict[str, str]: ...
 
@@ -113,16 +115,18 @@ def _split_tensors(state_dict: dict[str, Any], optimizer_states: list[dict[str, 
 
 # ---------------------------------------------------------------- saving
 def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path) -> None:
-    """Write Lightning's ``checkpoint`` (state dicts already keyed by ``shard_keys``) to ``path``; collective."""
-    layout = strategy.layout
+    """Write Lightning's ``checkpoint`` (state dicts already keyed by ``shard_keys``) to ``path``; collective.
+
+    Each step a rank takes alone is agreed on by every rank before the next collective
+    (``agreement.agree``): a failure on one rank (a full disk on rank 0, say) stops every rank
+    with the same error at once, and the checkpoint already at ``path`` stays whole.
+    """
+    layout, device, zero = strategy.layout, strategy.root_device, strategy.is_global_zero
     # Written beside its name and swapped in once every rank is done: a crash before that
     # leaves the checkpoint already at `path` (say last.ckpt) whole.
     staging = staging_path(path)
-    if strategy.is_global_zero:
-        discard(staging)  # what an interrupted save left
-    strategy.barrier()
-    staging.mkdir(parents=True, exist_ok=True)
-    confirm_shared_folder(staging, strategy.is_global_zero)
+    agree(f"Removing what an interrupted save left at {str(staging)!r}", lambda: discard(staging), device, zero)
+    confirm_shared_folder(staging, zero, device)
     tensors, model_extra, optimizer_extra = _split_tensors(checkpoint.pop("state_dict"),
                                                            checkpoint.pop("optimizer_states", []))
     if layout.phantom > 1:
@@ -133,23 +137,22 @@ def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path
             model_extra.update(other_model)
             for mine, other in zip(optimizer_extra, other_optimizers):
                 mine["state"].update(other["state"])
-    dcp.save(tensors, checkpoint_id=staging)
-    if strategy.is_global_zero:
+    rng: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rng, rng_states())
+    dcp.save(tensors, checkpoint_id=staging)  # DCP itself stops every rank when one fails to write
+    if zero:
         checkpoint["phantom"] = {"format": FORMAT_VERSION, "data_parallel": layout.data,
                                  "phantom_parallel": layout.phantom, "model_extra": model_extra,
-                                 "optimizer_extra": optimizer_extra}
-        save_durably(checkpoint, staging / META_FILE)
-    strategy.barrier()
-    if strategy.is_global_zero:
-        publish(staging, path)
-    strategy.barrier()
+                                 "optimizer_extra": optimizer_extra, "rng": rng}
+    agree(f"Writing {str(staging / META_FILE)!r}", lambda: save_durably(checkpoint, staging / META_FILE), device, zero)
+    agree(f"Publishing the checkpoint at {str(path)!r}", lambda: publish(staging, path), device, zero)
 
 
 class UnsharedFolderError(RuntimeError):
     """Some ranks do not see the checkpoint folder rank 0 writes into (no shared filesystem)."""
 
 
-def confirm_shared_folder(folder: Path, is_global_zero: bool) -> None:
+def confirm_shared_folder(folder: Path, is_global_zero: bool, device: torch.device) -> None:
     """Every rank must see the folder rank 0 writes into, or the save stops on every rank; collective.
 
     Every rank writes its own shards into ``folder``: on node-local disks the other nodes'
@@ -158,9 +161,15 @@ def confirm_shared_folder(folder: Path, is_global_zero: bool) -> None:
     reads it back: a cheap test of the one requirement, before anything is written.
     """
     marker = folder / _SHARED_MARKER
-    token = [uuid.uuid4().hex if is_global_zero else None]
-    if is_global_zero:
-        marker.write_text(token[0])
+
+    def create() -> Optional[str]:
+        folder.mkdir(parents=True, exist_ok=True)
+        if is_global_zero:
+            marker.write_text(fresh := uuid.uuid4().hex)
+            return fresh
+        return None
+
+    token = [agree(f"Creating the checkpoint folder {str(folder)!r}", create, device)]
     dist.broadcast_object_list(token, src=0)  # after rank 0's write: the token says it is there
     try:
         seen = marker.read_text() == token[0]
@@ -169,7 +178,8 @@ def confirm_shared_folder(folder: Path, is_global_zero: bool) -> None:
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, (seen, socket.gethostname(), str(folder)))
     if is_global_zero:
-        marker.unlink()  # every rank has read it
+        with contextlib.suppress(OSError):  # every rank has read it; left behind, it is one small file
+            marker.unlink()
     _, host0, folder0 = every[0]
     blind = [f"rank {r} on {host}" + (f" (writing to {where!r})" if where != folder0 else "")
              for r, (ok, host, where) in enumerate(every) if not ok]
@@ -209,16 +219,32 @@ def read_meta(path: Path, weights_only: bool = True) -> tuple[dict[str, Any], di
 def load(strategy: CheckpointingStrategy, path: Path, weights_only: Optional[bool] = None) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into the strategy's module and optimizers, in place; collective.
 
-    Returns Lightning's part of ``meta.pt`` (loops, schedulers, callbacks).
+    Returns Lightning's part of ``meta.pt`` (loops, schedulers, callbacks). What each rank
+    reads and checks alone is agreed on before DCP's collective load, and what it loads after
+    it before training goes on: a rank that cannot read the checkpoint stops every rank.
     """
+    device = strategy.root_device
+    plan = agree(f"Reading the checkpoint at {str(path)!r}",
+                 lambda: _plan_load(strategy, path, True if weights_only is None else weights_only), device)
+    path, metadata, info, targets, finish = plan
+    dcp.load(targets, storage_reader=SafeFileSystemReader(path))  # DCP itself stops every rank when one fails
+    agree(f"Loading the checkpoint at {str(path)!r}", finish, device)
+    return metadata
+
+
+def _plan_load(strategy: CheckpointingStrategy, path: Path, weights_only: bool):
+    """This rank's part of ``load`` before DCP reads: (path, Lightning's meta, the strategy's, DCP's
+    targets, what to do after DCP has read them)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
     if not is_checkpoint(path) and is_checkpoint(previous_path(path)):
         # A save was cut between moving the old checkpoint aside and the new one in.
-        from lightning.pytorch.utilities.rank_zero import rank_zero_info
-
         rank_zero_info(f"{str(path)!r} is missing after an interrupted save; loading the previous version "
                        f"kept at {str(previous_path(path))!r}.")
         path = previous_path(path)
-    metadata, info = read_meta(path, True if weights_only is None else weights_only)
+    elif path.stem.endswith(".previous"):  # ckpt_path="last" found what such a save left
+        rank_zero_info(f"Resuming from {str(path)!r}, the version an interrupted save set aside.")
+    metadata, info = read_meta(path, weights_only)
     layout = strategy.layout
     if info["phantom_parallel"] != layout.phantom:
         raise ValueError(
@@ -251,14 +277,41 @@ def load(strategy: CheckpointingStrategy, path: Path, weights_only: Optional[boo
             if kind == f"optimizer_{i}" and rest[0] in wanted:
                 slots[rest[0]][rest[1]] = targets[key] = _slot(wanted[rest[0]], md)
         plans.append((optimizer, names, slots, info["optimizer_extra"][i]))
-    dcp.load(targets, storage_reader=SafeFileSystemReader(path))
-    if info["model_extra"]:
-        plain = {v: k for k, v in keys.items()}
-        full = {plain.get(k, k): v for k, v in {**own, **info["model_extra"]}.items()}
-        module.load_state_dict(full, strict=module.strict_loading)
-    for optimizer, names, slots, extra in plans:
-        _load_optimizer(optimizer, names, slots, extra, path)
-    return metadata
+
+    def finish() -> None:
+        if info["model_extra"]:
+            plain = {v: k for k, v in keys.items()}
+            full = {plain.get(k, k): v for k, v in {**own, **info["model_extra"]}.items()}
+            module.load_state_dict(full, strict=module.strict_loading)
+        for optimizer, names, slots, extra in plans:
+            _load_optimizer(optimizer, names, slots, extra, path)
+        restore_rng(info.get("rng"), dist.get_rank(), dist.get_world_size())
+
+    return path, metadata, info, targets, finish
+
+
+def rng_states() -> dict[str, Tensor]:
+    """This rank's torch RNG states: the CPU generator's, and the current CUDA device's where CUDA runs.
+
+    Saved per rank in ``meta.pt`` (``"rng"``) and restored on load, so that what a resumed run
+    draws from torch's global generator (dropout masks, kept in step across a phantom group)
+    is what the uninterrupted run drew.
+    """
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng(saved: Optional[list], rank: int, world_size: int) -> None:
+    """Rank ``rank``'s own saved states when the world size is the one saved, else rank 0's (the
+    ranks of a phantom group draw alike); nothing for a checkpoint without them."""
+    if not saved:
+        return
+    states = saved[rank] if len(saved) == world_size else saved[0]
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _slot(param: Tensor, md) -> Tensor:

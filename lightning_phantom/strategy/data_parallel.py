@@ -14,6 +14,10 @@ from the same weights (``sync_replicas``, once at set-up). Then, by ``PhantomStr
 
 Within a phantom group, the copies of replicated parameters get the group's mean gradient
 (``average_replicated_gradients``) for the same reason.
+
+Under manual optimization (``automatic_optimization = False``) ``"ddp"`` averages synchronously
+at each optimizer step: a step may follow several ``manual_backward`` calls, and buckets
+started by the first would miss the later ones.
 """
 
 from __future__ import annotations
@@ -114,14 +118,17 @@ class DataAxis:
         if self.mode == "fsdp" and not self.fsdp_units:
             self.fsdp_units = shard_over_data(module, data_mesh)
 
-    def attach(self, optimizers: list[Optimizer], layout: PhantomLayout, data_group: dist.ProcessGroup) -> None:
+    def attach(self, optimizers: list[Optimizer], layout: PhantomLayout, data_group: dist.ProcessGroup,
+               automatic: bool = True) -> None:
         """After: ``"ddp"``'s overlapped all-reduce for the whole parameters, where it applies.
 
-        One optimizer only: the buckets are finished at its step (more are stepped by hand, in
-        manual optimization, and keep the synchronous average).
+        One optimizer under automatic optimization only: the buckets are finished at its step,
+        after the one backward of each micro-batch. Under manual optimization a step may follow
+        several ``manual_backward`` calls (the buckets would start on the first and miss the
+        rest), and more optimizers are stepped by hand: those keep the synchronous average.
         """
         self.detach()
-        if self.mode != "ddp" or layout.data == 1 or len(optimizers) != 1:
+        if self.mode != "ddp" or layout.data == 1 or len(optimizers) != 1 or not automatic:
             return
         params = [p for g in optimizers[0].param_groups for p in g["params"]
                   if p.requires_grad and not isinstance(p, DTensor)]
@@ -133,14 +140,18 @@ class DataAxis:
             self.buckets = None
 
     def finish(self, optimizer: Optimizer, layout: PhantomLayout, data_group: dist.ProcessGroup,
-               device: torch.device) -> None:
-        """After the last backward of a step: the gradients are the replicas' mean (FSDP's: already)."""
+               device: torch.device) -> list[tuple[int, ...]]:
+        """After the last backward of a step: the gradients are the replicas' mean (FSDP's: already).
+
+        Returns the shapes of parameters that got no gradient on this rank although the armed
+        buckets need one (``GradientBuckets.finish``): the step must then stop on every rank.
+        """
         average = partial(average_gradients, optimizer, layout, data_group, device)
         if self.buckets is None:
             average()
-        else:
-            self.overlapped_steps += self.buckets.armed
-            self.buckets.finish(average)
+            return []
+        self.overlapped_steps += self.buckets.armed
+        return self.buckets.finish(average)
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -158,10 +169,21 @@ class DataAxis:
                 self.buckets.sync = True
 
 
-def average_replicated_gradients(optimizer: Optimizer, sharded: set[int], layout: PhantomLayout,
-                                 phantom_group: dist.ProcessGroup,
-                                 verdict: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """Gradients of the parameters every phantom rank holds a copy of become their mean over the group.
+def replicated_gradients(optimizer: Optimizer, sharded: set[int]) -> list[torch.Tensor]:
+    """The gradients of ``optimizer``'s parameters that every phantom rank holds a copy of.
+
+    ``sharded`` holds the ``id`` of every parameter split over the group (``sharded_parameters``,
+    taken once: walking the modules every step cost as much as the all-reduce). Under FSDP a
+    replicated parameter of an FFN is a DTensor over the data axis: the ranks of one phantom
+    group share a data coordinate, so their local parts are copies of each other.
+    """
+    return [local(p.grad) for g in optimizer.param_groups for p in g["params"]
+            if p.grad is not None and id(p) not in sharded]
+
+
+def average_replicated_gradients(grads: list[torch.Tensor], layout: PhantomLayout, phantom_group: dist.ProcessGroup,
+                                 riders: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``grads`` (``replicated_gradients``) become their mean over the phantom group; ``riders`` their sum.
 
     Those copies (biases after a phantom layer, anything outside the FFNs) compute the same
     gradient on every rank in exact arithmetic, but nondeterministic GPU kernels can differ
@@ -169,27 +191,20 @@ def average_replicated_gradients(optimizer: Optimizer, sharded: set[int], layout
     checkpoint keeps one of them). Megatron all-reduces the gradients of parameters replicated
     over tensor-parallel ranks for the same reason. They are small, so this is one bucketed
     all-reduce per step. The copies are assumed to have gradients on the same ranks: they run
-    the same code on the same batch. ``sharded`` holds the ``id`` of every parameter split over
-    the group (``sharded_parameters``, taken once: walking the modules every step cost as much
-    as the all-reduce).
+    the same code on the same batch.
 
-    ``verdict`` (``NonFiniteGuard.local_verdict``: 0 or 1) rides in the same buffer, so the
-    guard costs no collective of its own; it comes back as its mean over the group, nonzero
-    if it was on any rank.
+    ``riders``: small values every rank needs summed over the group (``NonFiniteGuard``'s
+    verdict, ``BatchCheck``'s hashes) ride in the same buffer, so they cost no collective of
+    their own; the caller sends them multiplied by p (the buffer is divided by p), in a dtype
+    that holds their sums exactly. Returned summed (in place).
     """
     if layout.phantom == 1:
-        return verdict
-    # Under FSDP a replicated parameter of an FFN is a DTensor over the data axis: the ranks of
-    # one phantom group share a data coordinate, so their local parts are copies of each other.
-    grads = [local(p.grad) for g in optimizer.param_groups for p in g["params"]
-             if p.grad is not None and id(p) not in sharded]
-    if verdict is not None:  # in the gradients' dtype, to share their buffer (a mean of 0s and 1s: nonzero stays so)
-        verdict = verdict.to(grads[0].dtype if grads else verdict.dtype)
+        return riders
 
     def average(flat: torch.Tensor) -> None:
         dist.all_reduce(flat, group=phantom_group)
         flat.div_(layout.phantom)
 
     with torch.no_grad():
-        coalesced(grads + ([verdict] if verdict is not None else []), average)
-    return verdict
+        coalesced(grads + ([riders] if riders is not None else []), average)
+    return riders

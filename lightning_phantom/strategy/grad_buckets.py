@@ -23,7 +23,8 @@ of reading the gradients again.
 Overlap needs every parameter to get a gradient on every replica at every step (as DDP
 without ``find_unused_parameters``). The first step therefore averages synchronously
 (``average_gradients``), which also finds out whether that holds; if it does not, every later
-step does the same, and a parameter that stops getting gradients later is an error.
+step does the same, and a parameter that stops getting gradients later is an error, raised
+on every rank at that step (``finish``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class GradientBuckets:
         if not (self.armed and self.sync):
             return
         self._waiting[self._bucket_of[id(param)]] -= 1
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        """Start the all-reduce of every bucket, in order, whose gradients are all in."""
         while self._next < len(self.buckets) and self._waiting[self._next] == 0:
             params = self.buckets[self._next]
             flat = self._divided(self._next)
@@ -102,23 +107,31 @@ class GradientBuckets:
             offset += g.numel()
         return flat
 
-    def finish(self, synchronous_average: Callable[[], bool]) -> None:
+    def finish(self, synchronous_average: Callable[[], bool]) -> list[tuple[int, ...]]:
         """Every gradient becomes its mean over the replicas; call after the last backward of the step.
 
         ``synchronous_average()`` averages all at once and says whether every gradient was
         present on every replica (``data_parallel.average_gradients``).
+
+        Returns the shapes of the parameters that got no gradient on this rank, once armed
+        (else ``[]``). Their buckets are then sent with zeros in their place, so that this
+        rank's all-reduces still line up with the other replicas' and none of them waits for
+        the timeout; the mean is wrong and the caller must stop every rank before the step
+        (``strategy.step`` does: a flag in the step's agreement tells the other replicas).
         """
         if not self.armed:
             self.armed = synchronous_average()
             self._reset()
-            return
+            return []
+        missing = []
         if self._next < len(self.buckets):
-            missing = [p.shape for p in self.buckets[self._next] if p.grad is None]
-            raise RuntimeError(
-                "PhantomStrategy(data_parallel='ddp') averages gradients during backward and needs every "
-                f"parameter to get a gradient at every step, but parameters of shapes {missing} got none. "
-                "Give them requires_grad=False if they are never used, or keep their use the same each step."
-            )
+            for bucket in self.buckets[self._next:]:
+                for p in bucket:
+                    if p.grad is None:
+                        missing.append(tuple(p.shape))
+                        p.grad = torch.zeros_like(p)
+            self._waiting = [0] * len(self.buckets)
+            self._start_ready()
         with torch.no_grad():
             for work, flat, params in self._pending:
                 work.wait()
@@ -130,6 +143,7 @@ class GradientBuckets:
                     for p, mean in zip(params, means):
                         p.grad = mean
         self._reset()
+        return missing
 
     def remove(self) -> None:
         for hook in self._hooks:

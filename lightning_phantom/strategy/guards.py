@@ -12,12 +12,13 @@ with the bad gradient never runs: the weights, and any checkpoint written after,
 of the last good step.
 
 ``is_peer_failure`` recognises the errors a collective raises when a peer died or hung
-past the timeout; the strategy uses it to say so in words a user can act on.
+past the timeout; the strategy says so in words a user can act on (``peer_failure_message``).
 """
 
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -58,8 +59,8 @@ class NonFiniteGuard(Callback):
     Cost per optimizer step: one ``sum`` per gradient (with ``data_parallel="ddp"``, one per
     bucket, taken in the buckets' own pass), one host sync, and under ``PhantomStrategy`` no
     collective of its own on the phantom axis: its verdict rides on the strategy's all-reduce
-    of replicated gradients (with data-parallel replicas, plus one all-reduce of one number
-    over the data axis; under another strategy, one over the world). The sums are one
+    of replicated gradients (with data-parallel replicas, plus the all-reduce of the step's
+    three flags over the data axis, ``strategy.step``; under another strategy, one over the world). The sums are one
     streaming read of the gradients: ~1.3% of a CPU step at n = 4096 and 1.7-1.9% at n = 1024
     (``benchmarks/overheads.py``); ``torch._foreach_norm(inf)``, not vectorised on CPU, cost
     4-8x more. A sum is non-finite whenever one of its terms is, so a finite sum clears its
@@ -243,3 +244,19 @@ def is_peer_failure(exception: BaseException) -> bool:
     text = str(exception).lower()
     return any(word in text for word in _PEER_FAILURE_WORDS) and (
         "gloo" in text or "nccl" in text or "c10d" in text or "store" in text or "peer" in text)
+
+
+def peer_failure_message(exception: BaseException, rank: int, world_size: int, timeout: Optional[timedelta],
+                         step: Optional[int]) -> Optional[str]:
+    """What to log when ``exception`` is a collective that failed for a peer (``is_peer_failure``); else None."""
+    if not is_peer_failure(exception):
+        return None
+    at = f" at global step {step}" if step is not None else ""
+    limit = f"{timeout.total_seconds():g} s" if timeout is not None else "torch's default"
+    first_line = (str(exception).strip().splitlines() or [""])[0]
+    return (
+        f"PhantomStrategy: rank {rank} of {world_size} stopped{at}: a collective with the other ranks failed "
+        f"({type(exception).__name__}: {first_line}). Another rank died or stopped answering (collective "
+        f"timeout {limit}). Training since the last checkpoint is lost: restart with ckpt_path='last' on the "
+        "same number of ranks, or on fewer after lightning_phantom.reshard_checkpoint()."
+    )

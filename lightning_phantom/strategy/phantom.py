@@ -13,6 +13,10 @@ Lightning's ``ModelParallelStrategy``; each job they start lives in a module of 
 * ``precision``: the strategy's own precision plugins, clipping by the norm of the whole model.
 * ``checkpoints`` (the format) and ``storage`` (atomic publish): sharded DCP checkpoints.
 * ``guards``: ``NonFiniteGuard`` (on unless ``detect_non_finite=False``) and dead-peer messages.
+* ``batches``: one batch per phantom group (workers seeded by data-parallel rank; every step checked).
+* ``step``: after the last backward, the averages and one verdict that every rank acts on alike.
+* ``buffers``: data-parallel rank 0's buffers to the replicas (DDP's ``broadcast_buffers=True``).
+* ``collectives``: Lightning's reduce/all_gather over the data-parallel group.
 """
 
 from __future__ import annotations
@@ -33,20 +37,14 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized, _get_default_process_group_backend_for_device, _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.distributed import group as _group
+from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import _PATH, ReduceOp
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
@@ -54,12 +52,16 @@ from lightning_phantom.nn.compiling import CompileRequest, compile_ffns, compile
 from lightning_phantom.nn.layers import sharded_parameters
 from lightning_phantom.nn.plan import GhostsRequest, PhantomPlan
 from lightning_phantom.strategy import checkpoints
-from lightning_phantom.strategy.data_parallel import DataAxis, average_replicated_gradients, sync_replicas
+from lightning_phantom.strategy.batches import BatchCheck, seed_workers
+from lightning_phantom.strategy.buffers import BufferSync
+from lightning_phantom.strategy.collectives import PhantomCollectives
+from lightning_phantom.strategy.data_parallel import DataAxis, sync_replicas
 from lightning_phantom.strategy.sharding import shard_module
-from lightning_phantom.strategy.guards import NonFiniteGuard, is_peer_failure
+from lightning_phantom.strategy.guards import NonFiniteGuard, peer_failure_message
 from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
 from lightning_phantom.strategy.metrics import sync_metrics_over
 from lightning_phantom.strategy.precision import global_grad_norm, phantom_precision
+from lightning_phantom.strategy.step import finish_step
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -67,7 +69,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 
-class PhantomStrategy(ParallelStrategy):
+class PhantomStrategy(PhantomCollectives):
     """Phantom parallelism (docs/operator.md) for every FFN of a ``LightningModule``, data-parallel around it.
 
     Arguments:
@@ -131,6 +133,8 @@ class PhantomStrategy(ParallelStrategy):
         self.data_axis = DataAxis(data_parallel)
         self._detect_non_finite = bool(detect_non_finite)
         self._guard: Optional[NonFiniteGuard] = None
+        self._batch_check: Optional[BatchCheck] = None  # while fitting with phantom groups of 2 or more
+        self._buffers: Optional[BufferSync] = None  # rank 0's buffers to the replicas (DDP's broadcast_buffers)
         self._sharded: set[int] = set()  # id() of the parameters split over the phantom group
         self._compile = compile_options(compile)
         if process_group_backend is not None and not isinstance(process_group_backend, str):
@@ -277,12 +281,15 @@ class PhantomStrategy(ParallelStrategy):
         sync_replicas(self.lightning_module, self.layout, self.data_parallel_group)
         sync_metrics_over(self.lightning_module, self.data_parallel_group)
         self.data_axis.shard(self.lightning_module, self.device_mesh["data_parallel"])
+        self._buffers = BufferSync(self.lightning_module, self.data_parallel_group, self.layout.data)
         self._sharded = {id(p) for p in sharded_parameters(self.lightning_module)}  # FSDP's, if it sharded
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
-            self.data_axis.attach(self.optimizers, self.layout, self.data_parallel_group)
+            self.data_axis.attach(self.optimizers, self.layout, self.data_parallel_group,
+                                  self.lightning_module.automatic_optimization)
+            self._batch_check = BatchCheck(self.layout.phantom) if self.layout.phantom > 1 else None
             if self._detect_non_finite and not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
                 trainer.callbacks.append(NonFiniteGuard())
             self._guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
@@ -314,20 +321,30 @@ class PhantomStrategy(ParallelStrategy):
         raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
         def closure_then_average() -> Any:
-            # After the last backward of the accumulation window; on_before_optimizer_step,
-            # unscaling, clipping and the step all see the data-parallel mean.
+            # After the last backward of the step (automatic or manual optimization);
+            # on_before_optimizer_step, unscaling, clipping and the step all see the data-parallel
+            # mean, and every rank has agreed that the step may be taken.
             result = closure()
-            # The guard looks before any average, so that a NaN is named on the rank that made it.
-            verdict = self._guard.local_verdict(raw) if self._guard is not None else None
-            self.data_axis.finish(raw, self.layout, self.data_parallel_group, self.root_device)
-            verdict = average_replicated_gradients(raw, self._sharded, self.layout, self.phantom_group, verdict)
-            if verdict is not None:  # summed over the phantom group; the replicas' groups too:
-                if self.layout.data > 1:
-                    dist.all_reduce(verdict, group=self.data_parallel_group)
-                self._guard.agree(verdict)
+            finish_step(self, raw)
             return result
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        seed_workers(dataloader, self.layout.coordinates(self.global_rank)[0])  # one batch per phantom group
+        return dataloader
+
+    @override
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        trainer = self.lightning_module._trainer
+        training = trainer is not None and trainer.training
+        if self._batch_check is not None and training:
+            self._batch_check.add(batch)  # compared over the phantom group at the optimizer step
+        if self._buffers is not None:
+            self._buffers.before_batch(training)
+        return batch
 
     @contextmanager
     @override
@@ -336,62 +353,15 @@ class PhantomStrategy(ParallelStrategy):
         with self.data_axis.no_sync():
             yield None
 
-    # ----------------------------------------------------------- collectives
-    @override
-    def barrier(self, name: Optional[str] = None) -> None:
-        if not _distributed_is_initialized():
-            return
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[self.root_device.index])
-        else:
-            dist.barrier()
-
-    @override
-    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src, group=_group.WORLD)
-        return box[0]
-
-    @override
-    def reduce(self, tensor, group: Optional[Any] = None,
-               reduce_op: Optional[Union[ReduceOp, str]] = "mean"):
-        """Over the data-parallel group by default: the ranks of a phantom group hold the same values."""
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, self._default_group(group), reduce_op=reduce_op)
-        return tensor
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        """Over the data-parallel group by default: one copy per replica, not one per rank."""
-        return super().all_gather(tensor, group=self._default_group(group), sync_grads=sync_grads)
-
-    @override
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        votes = _sync_ddp_if_available(torch.tensor(int(decision), device=self.root_device), None,
-                                       reduce_op=ReduceOp.SUM)  # over the world: every rank votes
-        return bool(votes == self.world_size) if all else bool(votes)
-
-    def _default_group(self, group):
-        return group if group is not None or self._device_mesh is None else self.data_parallel_group
-
+    # ------------------------------------------------------------- teardown
     @override
     def on_exception(self, exception: BaseException) -> None:
         """Say in words when a collective failed because another rank died or stopped answering."""
-        if not is_peer_failure(exception):
-            return
         trainer = getattr(self._lightning_module, "_trainer", None)
-        step = f" at global step {trainer.global_step}" if trainer is not None else ""
-        timeout = f"{self._timeout.total_seconds():g} s" if self._timeout is not None else "torch's default"
-        first_line = (str(exception).strip().splitlines() or [""])[0]
-        _log.error(
-            f"PhantomStrategy: rank {self.global_rank} of {self.world_size} stopped{step}: a collective with "
-            f"the other ranks failed ({type(exception).__name__}: {first_line}). Another rank died or stopped "
-            f"answering (collective timeout {timeout}). Training since the last checkpoint is lost: restart "
-            "with ckpt_path='last' on the same number of ranks, or on fewer after "
-            "lightning_phantom.reshard_checkpoint()."
-        )
+        message = peer_failure_message(exception, self.global_rank, self.world_size, self._timeout,
+                                       trainer.global_step if trainer is not None else None)
+        if message is not None:
+            _log.error(message)
 
     @override
     def teardown(self) -> None:
@@ -409,6 +379,8 @@ class PhantomStrategy(ParallelStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._buffers is not None:
+            self._buffers.before_save()  # the replicas' buffers are rank 0's, and so is the checkpoint's copy
         keys = self.shard_keys()
         return {keys.get(k, k): v for k, v in self.lightning_module.state_dict().items()}
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -117,16 +118,30 @@ class SyncedGradScaler(torch.amp.GradScaler):
     @override
     def _unscale_grads_(self, optimizer: Optimizer, inv_scale: Tensor, found_inf: Tensor,
                         allow_fp16: bool) -> dict[torch.device, Tensor]:
-        per_device = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        # Under data_parallel="fsdp" the FFNs' gradients are DTensors and the others plain
+        # tensors; one foreach call refuses the mix, so each kind is unscaled on its own.
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        flags: list[Tensor] = []
+        for kind in ([p for p in params if not isinstance(p.grad, DTensor)],
+                     [p for p in params if isinstance(p.grad, DTensor)]):
+            if kind:
+                flags += super()._unscale_grads_(_Params(kind), inv_scale, found_inf, allow_fp16).values()
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return per_device
+            return {flag.device: flag for flag in flags}  # (found_inf itself where it is on that device)
         # One flag on the scale's device, whatever devices this rank's gradients are on: every
         # rank takes part in the all-reduce, and update() and step() read the same verdict.
         anywhere = torch.zeros_like(found_inf)
-        for flag in per_device.values():
+        for flag in flags:
             anywhere += flag.to(anywhere.device)
         dist.all_reduce(anywhere)
         return {anywhere.device: anywhere}
+
+
+class _Params:
+    """An optimizer as ``GradScaler._unscale_grads_`` reads one: parameter groups only."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.param_groups = [{"params": params}]
 
 
 def _scaler_stage(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> OptState:

@@ -5,10 +5,10 @@ A ``PhantomStrategy`` checkpoint is a directory: DCP's ``.metadata`` and shard f
 the new shards beside the old ``meta.pt`` — a checkpoint that loads and is wrong. So the
 strategy writes into ``staging_path(path)`` (hidden, and not named ``*.ckpt``, so Lightning's
 search for ``last.ckpt`` never picks it up) and ``publish``-es it once every rank is done:
-one ``renameat2(RENAME_EXCHANGE)`` swaps old and new where Linux supports it; elsewhere the
-old one is renamed to ``previous_path(path)`` first, and loading falls back to it if the
-crash came between the two renames. DCP's ``.metadata`` is a pickle: ``SafeFileSystemReader``
-reads it admitting only DCP's own classes.
+one ``renameat2(RENAME_EXCHANGE)`` swaps old and new where Linux supports it; elsewhere (NFS,
+Lustre) the old one is renamed to ``previous_path(path)`` first, and if the crash came between
+the two renames, ``ckpt_path="last"`` finds it there, and loading ``path`` falls back to it.
+DCP's ``.metadata`` is a pickle: ``SafeFileSystemReader`` reads it admitting only DCP's own classes.
 """
 
 from __future__ import annotations
@@ -69,9 +69,15 @@ def staging_path(path: PathLike) -> Path:
 
 
 def previous_path(path: PathLike) -> Path:
-    """Where the checkpoint at ``path`` waits while a new one replaces it without RENAME_EXCHANGE."""
+    """Where the checkpoint at ``path`` waits while a new one replaces it without RENAME_EXCHANGE.
+
+    ``last.ckpt`` → ``last.previous.ckpt``: visible and named like the checkpoint, so that when a
+    crash between the two renames left only this one, ``trainer.fit(ckpt_path="last")`` finds it
+    (Lightning resolves "last" itself, to the newest ``last*.ckpt`` in ModelCheckpoint's folder)
+    instead of silently training from scratch. Where both exist, the new one is newer.
+    """
     path = Path(path)
-    return path.with_name(f".{path.name}.previous")
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
 
 
 def discard(path: PathLike) -> None:

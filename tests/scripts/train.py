@@ -84,14 +84,15 @@ class Batches:
 
 
 class Regression(L.LightningModule):
-    def __init__(self, optimizer: str = "adam", lr: float = 0.02) -> None:
+    def __init__(self, optimizer: str = "adam", lr: float = 0.02, dropout: float = 0.0) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(D_IN, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(),
                                  nn.Linear(WIDTH, D_OUT))
         self.optimizer, self.lr = optimizer, lr
+        self.drop = nn.Dropout(dropout) if dropout else None  # on the input: masks from torch's global RNG
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.drop(x) if self.drop is not None else x)
 
     def training_step(self, batch, batch_idx):
         return F.mse_loss(self(batch[0]), batch[1])
@@ -132,10 +133,16 @@ def _power_cut() -> None:
 class Steps(Callback):
     """Prints each step, records the losses (and outputs on fixed inputs), kills or slows the run on request."""
 
-    def __init__(self, kill_at: Optional[int], slow: float, probe: Optional[torch.Tensor]) -> None:
-        self.kill_at, self.slow, self.probe = kill_at, slow, probe
+    def __init__(self, kill_at: Optional[int], slow: float, probe: Optional[torch.Tensor],
+                 grads: bool = False) -> None:
+        self.kill_at, self.slow, self.probe, self.grads = kill_at, slow, probe, grads
         self.losses: list[float] = []
         self.outputs: dict[int, torch.Tensor] = {}  # global step → model(probe), taken after that step
+        self.stepped: list[dict[str, torch.Tensor]] = []  # (grads) each step's averaged gradients, whole
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads:  # after the data-parallel average, before clipping and the step
+            self.stepped.append({n: _whole(p.grad).clone() for n, p in pl_module.named_parameters()})
 
     def _look(self, trainer, pl_module) -> None:
         if self.probe is not None:
@@ -193,14 +200,17 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
         every: int = 3, resume: Optional[str] = None, timeout: float = 60.0, kill_at: Optional[int] = None,
         crash_in_save: Optional[int] = None, slow: float = 0.0, ghosts: Any = "auto",
         probe: bool = False, accelerator: str = "cpu", precision: str = "32-true", data_parallel: str = "ddp",
-        clip: Optional[float] = None, accumulate: int = 1) -> dict[str, Any]:
+        clip: Optional[float] = None, accumulate: int = 1, dropout: float = 0.0,
+        grads: bool = False, export: bool = False) -> dict[str, Any]:
     """Train; return this rank's final weights (whole), losses, (``probe``) outputs on fixed inputs by
-    step, and ``storage``: bytes of parameters and optimizer state this rank holds."""
+    step, (``grads``) each step's averaged gradients, whole, (``export``) the largest difference between
+    the trained model's outputs and those of its ``lp.to_dense`` export, and ``storage``: bytes of
+    parameters and optimizer state this rank holds."""
     L.seed_everything(0, verbose=False)
     trainer_box: list = []
     if crash_in_save is not None:
         _crash_in_save(trainer_box, crash_in_save)
-    steps_cb = Steps(kill_at, slow, dataset(rows)[0][:16] if probe else None)
+    steps_cb = Steps(kill_at, slow, dataset(rows)[0][:16] if probe else None, grads)
     callbacks: list[Callback] = [steps_cb]
     if ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every,
@@ -212,13 +222,19 @@ def job(devices: int = 2, num_nodes: int = 1, phantom: Union[int, str] = 2, step
                         accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=bool(ckpt_dir))
     trainer_box.append(trainer)
-    model = Regression(optimizer, lr)
+    model = Regression(optimizer, lr, dropout)
     loader = Batches(rows, batch_size, phantom)
     loader.trainer = trainer
     trainer.fit(model, loader, ckpt_path=resume)
+    exported = None
+    if export:  # a collective: every rank gets the dense model, whatever the data axis sharded
+        x = dataset(rows)[0][:16]
+        with torch.no_grad():
+            exported = (lp.to_dense(model)(x) - model(x)).abs().max().item()
     return {"rank": trainer.global_rank, "losses": steps_cb.losses, "step": trainer.global_step,
+            "export_error": exported,
             "state": {k: _whole(v).detach().cpu().clone() for k, v in model.state_dict().items()},
-            "outputs": {step: out.cpu() for step, out in steps_cb.outputs.items()},
+            "outputs": {step: out.cpu() for step, out in steps_cb.outputs.items()}, "grads": steps_cb.stepped,
             "storage": _storage(model, trainer.optimizers), "overlapped": strategy.data_axis.overlapped_steps}
 
 
