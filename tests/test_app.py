@@ -8,6 +8,7 @@ import this checkout (tests/conftest.py sets PYTHONPATH).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -147,26 +148,43 @@ def test_user_config_dir_adds_groups(tmp_path):
         assert "lightning_phantom.strategy.PhantomStrategy" in proc.stdout
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A shell starts a background job (`pytest &`, `nohup`) with SIGINT ignored, and every process it
+    # starts inherits that: Python then never raises KeyboardInterrupt, and a SIGINT does nothing (the
+    # app is right to honour it). Ctrl-C in a terminal meets the default disposition; so does this test.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_compare_ctrl_c_stops_every_process(tmp_path):
     """Ctrl-C during a compare run: the run's processes are killed, one line, exit code 130."""
     out = tmp_path / "cmp"
     proc = subprocess.Popen([sys.executable, "-m", "lightning_phantom.compare", *TINY, "strategy.ghosts=4",
                              "trainer.max_steps=100000", "progress_every=1", f"hydra.run.dir={out}"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in proc.stdout:  # wait until the phantom run trains
-        seen.append(line)
-        if line.startswith("  phantom: step "):
-            break
-    assert proc.poll() is None, "".join(seen) + proc.stderr.read()
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert stderr.strip().splitlines() == [
-        "lightning-phantom-compare: interrupted (Ctrl-C); every process of the run was stopped"]
-    time.sleep(1)
-    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).find(str(out)) >= 0]
-    assert not left, [_cmdline(pid) for pid in left]
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
+    try:
+        seen = []
+        for line in proc.stdout:  # wait until the phantom run trains
+            seen.append(line)
+            if line.startswith("  phantom: step "):
+                break
+        assert proc.poll() is None, "".join(seen) + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert stderr.strip().splitlines() == [
+            "lightning-phantom-compare: interrupted (Ctrl-C); every process of the run was stopped"]
+        time.sleep(1)
+        assert not _processes_of(out), [_cmdline(pid) for pid in _processes_of(out)]
+    finally:  # a failed test leaves nothing running
+        proc.kill()
+        for pid in _processes_of(out):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _processes_of(run_dir: Path) -> list[str]:
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and str(run_dir) in _cmdline(pid)]
 
 
 def _cmdline(pid: str) -> str:
