@@ -41,8 +41,9 @@ import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_phantom.app.cli import (CONF_DIR, RESULT_FILE, ConfigError, check_config, exit_on_config_error,
-                                      exit_on_interrupt)
+from lightning_phantom.app.cli import CONF_DIR, RESULT_FILE, check_config
+from lightning_phantom.app.objects import check_keys
+from lightning_phantom.app.overrides import ConfigError, composed, exit_on_config_error, run_hydra_app
 from lightning_phantom.app.processes import run_app_subprocess
 from lightning_phantom.app.report import plot_against_ghosts, run_label, terminal_table, write_outputs
 
@@ -158,8 +159,13 @@ class CheckComparison(HydraCallback):
     """``plan_runs`` before Hydra makes the run directory: a rejected comparison leaves no folder."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        composed()
+        exit_on_config_error("lightning-phantom-compare", check_keys, config, CONF_DIR, "compare")
         exit_on_config_error("lightning-phantom-compare", plan_runs, config,
                              [str(o) for o in config.hydra.overrides.task])
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        composed()  # each job is checked as it starts (compare)
 
 
 def compare(cfg: DictConfig) -> str:
@@ -253,7 +259,7 @@ def _compare_app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``lightning-phantom-compare`` / ``python -m lightning_phantom.compare``."""
-    exit_on_interrupt("lightning-phantom-compare", _compare_app)
+    run_hydra_app("lightning-phantom-compare", _compare_app, CONF_DIR, "compare")
 
 
 if __name__ == "__main__":
