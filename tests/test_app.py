@@ -251,6 +251,9 @@ def test_cli_phantom_on_digits_with_the_console_script(tmp_path):
     result = _result(run_dir)
     assert result["strategy"] == "phantom" and result["sizes"] == [64, 16, 16, 16, 10]
     assert result["ghosts"] == [2, 2]  # the plan's, in the run (strategy.ghosts=16 would not fit width 16)
+    # The terminal shows the run: no advertisement (litlogger, and litmodels with a checkpoint), no
+    # deprecation note from torch about Lightning's code on each rank.
+    assert "💡" not in proc.stdout + proc.stderr and "LeafSpec" not in proc.stderr, proc.stderr
     assert result["config"]["data"]["_target_"].endswith("DigitsDataModule")
     assert _ranks_measured(run_dir) == 2
     assert "val_acc" in (run_dir / "logs" / "metrics.csv").read_text()
@@ -355,6 +358,19 @@ def test_bad_override_is_one_line_and_exit_code_2_before_any_folder(program, ove
     assert message in stderr
     assert not run_dir.exists()  # checked before Hydra makes the run directory: nothing left behind
     assert "HYDRA_FULL_ERROR" not in os.environ  # Hydra reports as usual once composed
+
+
+@pytest.mark.parametrize("program", ["lightning-phantom", "lightning-phantom-compare"])
+def test_help_says_what_the_command_does(program, monkeypatch, capsys):
+    from lightning_phantom.app import cli, compare
+
+    monkeypatch.setattr(sys, "argv", [program, "--help"])
+    with pytest.raises(SystemExit) as exited:
+        (cli if program == "lightning-phantom" else compare).main()
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    assert out.startswith(f"{program}: one ") and "powered by Hydra" not in out, out[:300]
+    assert "strategy: ddp, phantom, single, tp" in out and "--hydra-help" in out
 
 
 def test_the_plan_key_reaches_the_strategy_and_is_checked(compose):

@@ -14,7 +14,8 @@ Two kinds of bad configuration reach a command:
   (``lightning_phantom.app.cli.check_config``); ``exit_on_config_error`` makes it one line and
   exit code 2.
 
-Ctrl-C becomes one line and exit code 130 (``exit_on_interrupt``).
+Ctrl-C becomes one line and exit code 130 (``exit_on_interrupt``). ``run_hydra_app`` also keeps
+lines that are not about the run off the terminal (``app.quiet``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from lightning_phantom.app.quiet import silence_known_noise
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 _state = {"set_here": False, "composed": False}
@@ -67,6 +70,7 @@ def run_hydra_app(program: str, app: Callable[[], Any], conf_dir: Path, config_n
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    silence_known_noise()
     _state["set_here"] = FULL_ERROR not in os.environ
     _state["composed"] = False
     if _state["set_here"]:
