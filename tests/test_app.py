@@ -126,6 +126,9 @@ def test_plot_shows_the_target_and_ticks_where_the_curves_differ(tmp_path):
 
     fig = plot({"phantom k=16": run(1.0), "tp": run(1.1)}, tmp_path / "c.png", "estimate")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fig.axes[0].get_xlabel().lower().count("estimate") == 1  # said once, not twice
+    title = fig._suptitle.get_text()  # the train curve starts at 0.9, above the validations' range
+    assert "clipped: train MSE outside the y range until step 17 (up to 0.936)" in title
     for ax in fig.axes:
         assert ax.get_ylabel().startswith("val MSE")
         assert any(list(line.get_ydata()) == [0.15, 0.15] and line.get_linestyle() == "--" for line in ax.lines)
@@ -133,6 +136,44 @@ def test_plot_shows_the_target_and_ticks_where_the_curves_differ(tmp_path):
         assert 0.09 < low < 0.12 and 0.22 < high < 0.3  # the validations' range, not the first train loss
         ticks = [t for t in ax.get_yticks() if low <= t <= high]
         assert len(ticks) >= 4  # labelled ticks inside the range where the curves differ
+
+
+def _sweep_result(strategy: str, ghosts, sent: int, joules: float) -> dict:
+    """A result.json as RunRecorder writes it, for the plots' tests."""
+    rank = {"params": 100, "rows": 16, "sent_bytes": str(sent), "rss_peak": 2**20, "flops": 200}
+    return {"strategy": strategy, "world_size": 2, "group_size": 2, "data_parallel": 1, "sizes": [4, 8, 8, 2],
+            "ghosts": [ghosts, ghosts] if ghosts else None, "steps": 8, "step_time_s": 0.01, "wall_s": 1.0,
+            "final_train_loss": 0.2, "final_val_loss": 0.2, "per_rank": [rank, rank],
+            "predicted": {"params": 100, "macs": 100, "sent_bytes": str(sent)},
+            "energy": {"meter": "estimate", "J_per_step_median": joules, "total_J": 8 * joules,
+                       "energy_to_target": {"energy_J": 8 * joules, "time_s": 0.8, "step": 8, "target": 1.0,
+                                            "reached_value": 0.2}},
+            "train_curve": [[s, 0.1 * s, joules * s, 1 / s] for s in range(1, 9)],
+            "val_curve": [[8, 0.8, 8 * joules, 0.2]], "config": {"target_loss": 1.0, "model": {"task": "regression"}}}
+
+
+def test_sweep_plot_marks_estimates_and_shows_small_byte_counts(tmp_path):
+    from lightning_phantom.app.report import plot_against_ghosts
+
+    results = {"phantom k=8": _sweep_result("phantom", 8, 18_000, 1.0),
+               "phantom k=32": _sweep_result("phantom", 32, 68_000, 1.2),
+               "tp": _sweep_result("tp", None, 1_050_000, 2.0)}
+    fig = plot_against_ghosts(results, tmp_path / "sweep_ghosts.png")
+    joules, sent, ms, to_target = fig.axes
+    for ax in (joules, to_target):  # J on CPU: an estimate, said once per label
+        assert ax.get_ylabel().lower().count("estimate") == 1, ax.get_ylabel()
+    assert "estimate" not in ms.get_ylabel().lower() + sent.get_ylabel().lower()
+    low, high = sent.get_ylim()
+    assert sent.get_yscale() == "log" and low < 18_000 and high > 1_050_000
+
+    def height(value: float) -> float:  # where a point sits, as a fraction of the panel's height
+        return sent.transAxes.inverted().transform(sent.transData.transform((8, value)))[1]
+
+    assert height(68_000) - height(18_000) > 0.2  # phantom's runs apart, not on TP's zero line (0.05 linear)
+    for result in results.values():
+        result["energy"]["energy_to_target"] = None
+    to_target = plot_against_ghosts(results, tmp_path / "sweep_ghosts.png").axes[3]
+    assert [t.get_text() for t in to_target.texts] == ["no run reached\nthe target"] and not to_target.lines
 
 
 def test_user_config_dir_adds_groups(tmp_path):
@@ -204,7 +245,8 @@ def test_compare_runs_every_strategy_and_counts_what_the_model_predicts(tmp_path
     _ok(proc)
     for name in ("compare.md", "compare.csv", "compare.json"):
         assert (out / name).stat().st_size > 0
-    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("compare.png", "compare_target.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "compare.md").read_text()
     assert "| phantom | 4 | 2 |" in table and "peak RSS MiB/rank" in table  # the full table
     printed = proc.stdout[proc.stdout.index("run  "):proc.stdout.index("(full table: compare.md")]
@@ -309,7 +351,7 @@ def test_compare_sweep_gathers_one_table(tmp_path):
     assert all(r["sent_matches_model"] == "True" for r in rows)
     assert len({r["run"] for r in rows}) == 3 and all(Path(r["run"]).is_absolute() for r in rows)
     assert "Sweep, 3 runs:" in proc.stdout and "[job" not in proc.stdout
-    for name in ("sweep.png", "sweep_ghosts.png"):  # curves; J, bytes, time, J to target against ghosts
+    for name in ("sweep.png", "sweep_target.png", "sweep_ghosts.png"):  # the README's list of plots
         assert (sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -203,8 +203,8 @@ def compare(cfg: DictConfig) -> str:
         results[label], runs[label] = result, str(run_dir)
     write_outputs(results, out_dir, "compare", runs)
     table = terminal_table(results)
-    print(f"{table}\n\n(full table: compare.md; also compare.csv, compare.png, compare.json in {out_dir})",
-          flush=True)
+    print(f"{table}\n\n(full table: compare.md; also compare.csv, compare.json, compare.png, compare_target.png "
+          f"in {out_dir})", flush=True)
     return table
 
 
@@ -247,9 +247,10 @@ class GatherSweep(HydraCallback):
             print(f"compare: no results to gather in {sweep_dir}", file=sys.stderr)
             return
         write_outputs(results, sweep_dir, "sweep", runs, jobs)
-        summary = " and sweep_ghosts.png" if plot_against_ghosts(results, sweep_dir / "sweep_ghosts.png") else ""
+        ghosts_plot = plot_against_ghosts(results, sweep_dir / "sweep_ghosts.png")
+        summary = " and sweep_ghosts.png" if ghosts_plot is not None else ""
         print(f"\nSweep, {len(results)} runs:\n{terminal_table(results)}\n\n(full table: sweep.md; also sweep.csv, "
-              f"sweep.json, sweep.png{summary} in {sweep_dir})", flush=True)
+              f"sweep.json, sweep.png, sweep_target.png{summary} in {sweep_dir})", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="compare")
