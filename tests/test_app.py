@@ -149,7 +149,8 @@ def _sweep_result(strategy: str, ghosts, sent: int, joules: float) -> dict:
                        "energy_to_target": {"energy_J": 8 * joules, "time_s": 0.8, "step": 8, "target": 1.0,
                                             "reached_value": 0.2}},
             "train_curve": [[s, 0.1 * s, joules * s, 1 / s] for s in range(1, 9)],
-            "val_curve": [[8, 0.8, 8 * joules, 0.2]], "config": {"target_loss": 1.0, "model": {"task": "regression"}}}
+            "val_curve": [[8, 0.8, 8 * joules, 0.2]],
+            "config": {"target_loss": 1.0, "model": {"task": "regression"}}}
 
 
 def test_sweep_plot_marks_estimates_and_shows_small_byte_counts(tmp_path):
@@ -287,8 +288,8 @@ def test_cli_phantom_on_digits_with_the_console_script(tmp_path):
     if not Path(script).exists():
         pytest.skip("the lightning-phantom console script is not installed")
     run_dir = tmp_path / "run"
-    proc = _run([script, "data=digits", "strategy.plan={net: {ghosts: 2}}", "trainer.devices=2", *RUN, "quiet=true",
-                 "trainer.enable_checkpointing=true", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    proc = _run([script, "data=digits", "strategy.plan={net: {ghosts: 2}}", "trainer.devices=2", *RUN,
+                 "quiet=true", "trainer.enable_checkpointing=true", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     _ok(proc)
     result = _result(run_dir)
     assert result["strategy"] == "phantom" and result["sizes"] == [64, 16, 16, 16, 10]
@@ -356,10 +357,11 @@ def test_compare_sweep_gathers_one_table(tmp_path):
 
 
 BAD = [  # every bad override the README promises to refuse: overrides, what the one line on stderr says
-    (["strategy=phantomm"], "strategy=phantomm: no such option of the config group 'strategy'; choose one of ddp, "
-                            "phantom, single, tp"),
+    (["strategy=phantomm"], "strategy=phantomm: no such option of the config group 'strategy'; choose one "
+                            "of ddp, phantom, single, tp"),
     (["data=mnist"], "data=mnist: no such option of the config group 'data'; choose one of digits, teacher"),
-    (["trainer.precision=bf17-mixed"], "trainer (lightning.pytorch.Trainer): Precision 'bf17-mixed' is invalid"),
+    (["trainer.precision=bf17-mixed"],
+     "trainer (lightning.pytorch.Trainer): Precision 'bf17-mixed' is invalid"),
     (["strategy.data_parallel=fsdpp"], "data_parallel must be one of ('ddp', 'fsdp'), got 'fsdpp'"),
     (["model.activation=swishh"], "model.activation must be one of ['gelu', "),
     (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
@@ -367,14 +369,15 @@ BAD = [  # every bad override the README promises to refuse: overrides, what the
     (["+stratgy=tp"], "unknown key 'stratgy': nothing reads it; did you mean 'strategy'?"),
     (["stratgy=tp"], "stratgy=tp: the configuration has no key 'stratgy'; did you mean 'strategy'?"),
     (["+measure.every=3"], "unknown key 'measure.every': nothing reads it"),
-    (["trainer.gradient_clip_val=1"], "'gradient_clip_val' is an argument of lightning.pytorch.Trainer that conf/ "
-                                      "does not set; add it with +trainer.gradient_clip_val=1"),
+    (["trainer.gradient_clip_val=1"], "'gradient_clip_val' is an argument of lightning.pytorch.Trainer that "
+                                      "conf/ does not set; add it with +trainer.gradient_clip_val=1"),
     (["+trainer.gradient_clipval=1"], "unexpected keyword argument 'gradient_clipval'"),
     (["strategy.init=svdd"], "strategy (lightning_phantom.strategy.PhantomStrategy): init must be 'svd' or "
                              "'random', got 'svdd'"),  # not blamed on ghosts
     (["model.width=[1,"], "cannot read the override 'model.width=[1,'"),
     (["model.width=16", "strategy.ghosts=9"], "strategy.ghosts=9 does not fit model.width=16"),
-    (["trainer.devices=3", "strategy.phantom_parallel_size=2"], "world size (3) is not divisible by phantom(2)"),
+    (["trainer.devices=3", "strategy.phantom_parallel_size=2"],
+     "world size (3) is not divisible by phantom(2)"),
 ]
 
 
@@ -424,8 +427,8 @@ def test_the_plan_key_reaches_the_strategy_and_is_checked(compose):
     assert check_config(cfg).ghosts == [2, 2]  # the plan's, not strategy.ghosts=16 (too many for width 16)
     plan = hydra.utils.instantiate(cfg.strategy).plan
     assert (plan.modules["net"].ghosts, plan.modules["net"].init) == (2, "random")
-    with pytest.raises(ConfigError, match=r"strategy.plan=\{'head': \{\}\} does not fit the app's model .*'head' "
-                                          "matches no module"):
+    with pytest.raises(ConfigError, match=r"strategy.plan=\{'head': \{\}\} does not fit the app's model "
+                                          ".*'head' matches no module"):
         check_config(compose("strategy.plan={head: {}}"))
 
 
@@ -434,7 +437,8 @@ def test_bad_overrides_fail_before_any_process_starts(tmp_path):
     process group. (Every case is run in-process above; these three are the kinds, by both programs.)"""
     cases = [("lightning_phantom", ["+stratgy=tp"], "did you mean 'strategy'?"),  # used to train phantom
              ("lightning_phantom", ["strategy=phantomm"], "choose one of ddp, phantom, single, tp"),
-             ("lightning_phantom.compare", ["trainer.precision=bf17-mixed"], "Precision 'bf17-mixed' is invalid")]
+             ("lightning_phantom.compare", ["trainer.precision=bf17-mixed"],
+              "Precision 'bf17-mixed' is invalid")]
     procs = []
     for i, (module, overrides, _) in enumerate(cases):
         run_dir = tmp_path / f"bad{i}"

@@ -68,8 +68,8 @@ def dense_copy_with_metrics():
     """to_dense of a module whose metrics the strategy pointed at its data-parallel group."""
     L.seed_everything(0)
     model = Classifier()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(ghosts="full"), logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(ghosts="full"),
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(model, DataLoader(data(), batch_size=4), verbose=False)
     synced = model.accuracy.process_group is not None
     dense = lp.to_dense(trainer.lightning_module)

@@ -135,7 +135,8 @@ class Vision(L.LightningModule):
     def __init__(self):
         super().__init__()
         self.mlp = MLP(6, [8, 8, 8, 6], norm_layer=nn.LayerNorm, dropout=0.1)
-        self.head = nn.Sequential(Stage(nn.Linear(6, 8), nn.GELU()), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2))
+        self.head = nn.Sequential(Stage(nn.Linear(6, 8), nn.GELU()), nn.Linear(8, 8), nn.GELU(),
+                                  nn.Linear(8, 2))
 
     def forward(self, x):
         return self.head(self.mlp(x))
@@ -149,7 +150,8 @@ def sharded_and_given_back():
     model = Vision()
     dense = copy.deepcopy(model).double().eval()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(ghosts="full"),
-                        precision="64-true", logger=False, enable_progress_bar=False, enable_model_summary=False)
+                        precision="64-true", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
     x = torch.randn(5, 6, dtype=torch.float64)
     preds = torch.cat(trainer.predict(model, DataLoader(TensorDataset(x), batch_size=5)))
     back = lp.to_dense(trainer.lightning_module).eval()
@@ -163,7 +165,7 @@ def sharded_and_given_back():
 def test_sequential_subclasses_are_sharded_without_a_plan_and_given_back():
     for converted, errors, mlp, hidden, stage, keys in run_ranks(2, sharded_and_given_back):
         assert converted == ["head", "mlp"]  # found without a plan
-        assert max(errors) < 1e-12  # ghosts="full": the sharded model and to_dense predict what the dense one does
+        assert max(errors) < 1e-12  # ghosts="full": sharded and to_dense predict what the dense model does
         assert mlp is MLP and hidden == [8, 8, 8, 6]  # the user's class, with its own attribute
         assert stage is Stage and keys
 
@@ -174,7 +176,9 @@ def test_sequential_subclass_with_its_own_forward_is_refused_by_name():
     model.head = nn.Linear(6, 2)
     with pytest.raises(ValueError) as err:
         plan_module(model, PhantomPlan(), 2)
-    for words in ("found nothing to shard", "mlp is ResidualMLP", "forward of its own", "Keep it dense", "plan="):
+    for words in ("found nothing to shard", "mlp is ResidualMLP", "forward of its own", "Keep it dense",
+                  "plan="):
         assert words in str(err.value)
-    with pytest.raises(ValueError, match="'mlp', which cannot be sharded: mlp is ResidualMLP, an nn.Sequential"):
+    with pytest.raises(ValueError, match="'mlp', which cannot be sharded: mlp is ResidualMLP, an "
+                                         "nn.Sequential"):
         plan_module(model, PhantomPlan(modules={"mlp": {}}), 2)

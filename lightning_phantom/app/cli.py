@@ -6,8 +6,8 @@
 The configuration is checked (``check_config``: the app's own rules, then every object built
 once and thrown away, ``app.objects``) before Hydra makes the run directory, so a bad one fails
 with one line and exit code 2 before any process is started (``app.overrides``). Then every
-object is built with ``hydra.utils.instantiate`` and ``Trainer.fit`` runs; with ``trainer.devices > 1`` Lightning's
-subprocess launcher re-runs this app in each further process, and its Hydra handling gives
+object is built (``app.objects.build``) and ``Trainer.fit`` runs; with ``trainer.devices > 1``
+Lightning's subprocess launcher re-runs this app in each further process, and its Hydra handling gives
 them the parent's run directory. Rank 0 writes ``result.json`` there (what
 ``lightning_phantom.app.recorder.RunRecorder`` measured), which ``python -m lightning_phantom.compare``
 reads.
@@ -139,8 +139,8 @@ def _check_phantom(s: DictConfig, strategy: Any, model: Any, world: int, nodes: 
     try:
         found = plan_module(model, strategy.plan, p)
     except ValueError as e:
-        what = (f"strategy.plan={given['plan']!r} does not fit the app's model (its FFN is 'net', model.width="
-                f"{width})" if given.get("plan") else
+        what = (f"strategy.plan={given['plan']!r} does not fit the app's model (its FFN is 'net', "
+                f"model.width={width})" if given.get("plan") else
                 f"strategy.ghosts={given.get('ghosts', 'auto')!r} does not fit model.width={width}")
         raise ConfigError(f"{what} on phantom groups of {p}: {e}") from None
     return p, layout.data, [k for ffn, _ in found.convert for k in ffn.ghosts]
@@ -201,7 +201,8 @@ def check_config(cfg: DictConfig) -> Plan:
                           f"{world}; set trainer.devices=1, or choose strategy=phantom, tp or ddp")
     built = build_run(cfg, meta=True)
     if kind == "phantom":
-        group, data, ghosts = _check_phantom(cfg.strategy, built.strategy, built.model, world, nodes, width, depth)
+        group, data, ghosts = _check_phantom(cfg.strategy, built.strategy, built.model, world, nodes, width,
+                                             depth)
     elif kind == "tp":
         group, data = _check_tp(cfg.strategy, world, nodes, sizes)
     _check_energy(cfg)

@@ -203,8 +203,8 @@ def compare(cfg: DictConfig) -> str:
         results[label], runs[label] = result, str(run_dir)
     write_outputs(results, out_dir, "compare", runs)
     table = terminal_table(results)
-    print(f"{table}\n\n(full table: compare.md; also compare.csv, compare.json, compare.png, compare_target.png "
-          f"in {out_dir})", flush=True)
+    print(f"{table}\n\n(full table: compare.md; also compare.csv, compare.json, compare.png, "
+          f"compare_target.png in {out_dir})", flush=True)
     return table
 
 

@@ -33,7 +33,8 @@ _REFUSALS = ("ValueError", "TypeError", "KeyError", "ImportError", "ModuleNotFou
 
 
 def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate(cfg[key], **kwargs)``; a constructor's refusal is a ConfigError naming ``key``."""
+    """``hydra.utils.instantiate(cfg[key], **kwargs)``; a constructor's refusal is a ConfigError naming
+    ``key``."""
     import hydra
     from hydra.errors import InstantiationException
 
@@ -58,7 +59,8 @@ class RunObjects:
 
 
 def build_run(cfg: DictConfig, meta: bool = False) -> RunObjects:
-    """Data module, model, strategy and energy monitor of ``cfg``; the model on the meta device if ``meta``."""
+    """Data module, model, strategy and energy monitor of ``cfg``; the model on the meta device if
+    ``meta``."""
     import torch
 
     data = build(cfg, "data")
@@ -111,8 +113,9 @@ def _check_under(node: DictConfig, reference: dict[str, Any], path: str) -> None
         if key not in reference:
             near = difflib.get_close_matches(key, list(reference), n=1)
             hint = f"; did you mean {'.'.join(filter(None, [path, near[0]]))!r}?" if near else "."
-            raise ConfigError(f"unknown key {'.'.join(filter(None, [path, key]))!r}: nothing reads it{hint} The "
-                              f"keys {'of ' + path if path else 'at the top'} are: {', '.join(reference)}.")
+            where = ".".join(filter(None, [path, key]))
+            raise ConfigError(f"unknown key {where!r}: nothing reads it{hint} The keys "
+                              f"{'of ' + path if path else 'at the top'} are: {', '.join(reference)}.")
         inner = reference[key]
         if isinstance(inner, dict) and OmegaConf.is_dict(node[key]):  # a section that builds nothing
             _check_under(node[key], inner, f"{path}.{key}" if path else key)
@@ -134,4 +137,6 @@ def _reference(conf_dir: Path, name: str = "config") -> dict[str, Any]:
 
 
 def _shape(value: Any) -> Any:
-    return {k: _shape(v) for k, v in value.items()} if isinstance(value, dict) and "_target_" not in value else None
+    if isinstance(value, dict) and "_target_" not in value:
+        return {k: _shape(v) for k, v in value.items()}
+    return None

@@ -147,6 +147,7 @@ def _parameters(target: str) -> list[str]:
     from hydra.utils import get_object
 
     try:
-        return [p for p in inspect.signature(get_object(target)).parameters if p not in ("self", "args", "kwargs")]
+        parameters = inspect.signature(get_object(target)).parameters
     except Exception:  # noqa: BLE001 - only a hint is lost
         return []
+    return [p for p in parameters if p not in ("self", "args", "kwargs")]

@@ -210,7 +210,8 @@ def energy_label(what: str, meter: str) -> str:
 def _clipped(ax, curves: list[list[float]], steps: list[list[int]], name: str) -> Optional[str]:
     """A note naming the train losses off the y range (early training, typically), or None."""
     low, high = ax.get_ylim()
-    off = [(step, v) for curve, at in zip(curves, steps) for step, v in zip(at, curve) if not low <= v <= high]
+    off = [(step, v) for curve, at in zip(curves, steps) for step, v in zip(at, curve)
+           if not low <= v <= high]
     if not off:
         return None
     return (f"clipped: train {name} outside the y range until step {max(s for s, _ in off)} (up to "
@@ -323,7 +324,8 @@ def plot_against_ghosts(results: dict[str, dict], path: Path):
     horizontal line; the figure, or None (and no file) where fewer than two phantom runs have one
     ghosts value. Joules say which meter, and that the CPU one's are an estimate."""
     rows = list(map(result_row, results.values()))
-    phantom = [(row, int(row["ghosts"])) for row in rows if row["strategy"] == "phantom" and row["ghosts"].isdigit()]
+    phantom = [(row, int(row["ghosts"])) for row in rows
+               if row["strategy"] == "phantom" and row["ghosts"].isdigit()]
     if len({k for _, k in phantom}) < 2:
         return None
     import matplotlib

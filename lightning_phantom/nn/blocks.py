@@ -54,15 +54,16 @@ def check_blocks(seq: nn.Sequential, name: str) -> None:
         if not is_block(block):
             raise TypeError(
                 f"{where} is {type(block).__name__}, an nn.Sequential subclass with a forward of its own, "
-                "which may do more than run its layers in order (add a residual, say), so phantom parallelism "
-                "cannot split it. Keep it dense, or shard the plain nn.Sequential FFNs inside it: they are "
-                "found by themselves, or name them with PhantomStrategy(plan=...)."
+                "which may do more than run its layers in order (add a residual, say), so phantom "
+                "parallelism cannot split it. Keep it dense, or shard the plain nn.Sequential FFNs inside "
+                "it: they are found by themselves, or name them with PhantomStrategy(plan=...)."
             )
-        own = [n for n, _ in block.named_parameters(recurse=False)] + [n for n, _ in block.named_buffers(recurse=False)]
+        own = [n for n, _ in block.named_parameters(recurse=False)]
+        own += [n for n, _ in block.named_buffers(recurse=False)]
         if own:
-            raise ValueError(f"{where} ({type(block).__name__}) holds tensors of its own ({', '.join(own)}) that "
-                             "its layers do not use; the conversion would drop them. Move them into a layer, or "
-                             "keep this FFN dense.")
+            raise ValueError(f"{where} ({type(block).__name__}) holds tensors of its own ({', '.join(own)}) "
+                             "that its layers do not use; the conversion would drop them. Move them into a "
+                             "layer, or keep this FFN dense.")
 
 
 def dense_blocks(seq: nn.Sequential) -> BlockClasses:

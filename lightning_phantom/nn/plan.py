@@ -117,9 +117,10 @@ def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
     """Find the FFNs of ``module`` and plan each for phantom groups of ``p``; every check happens here.
 
     An FFN is an ``nn.Sequential`` or a subclass keeping its forward (of nested such blocks,
-    possibly) of ``nn.Linear``, norm and element-wise layers with at least 3 Linear layers whose hidden widths are divisible
-    by ``p``; with ``plan.modules``, exactly the modules it names. Raises if there is none (and no
-    ``PhantomFFN`` either), or if a ghosts mapping names a module that is not one.
+    possibly) of ``nn.Linear``, norm and element-wise layers with at least 3 Linear layers whose
+    hidden widths are divisible by ``p``; with ``plan.modules``, exactly the modules it names.
+    Raises if there is none (and no ``PhantomFFN`` either), or if a ghosts mapping names a module
+    that is not one.
     """
     found = ModulePlan()
     dense: list[tuple[str, nn.Sequential]] = []
@@ -146,8 +147,8 @@ def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
         why = "".join(f"\n  - {name}: {reason}" for name, reason in found.rejected)
         raise ValueError(
             f"PhantomStrategy found nothing to shard in {type(module).__name__}. It converts FFNs: an "
-            "nn.Sequential, or a subclass keeping its forward such as torchvision's MLP (blocks may be nested), "
-            "of nn.Linear, LayerNorm/RMSNorm/BatchNorm1d and "
+            "nn.Sequential, or a subclass keeping its forward such as torchvision's MLP (blocks may be "
+            "nested), of nn.Linear, LayerNorm/RMSNorm/BatchNorm1d and "
             "element-wise layers (activations, dropout) with at least 3 "
             f"Linear layers and hidden widths divisible by phantom({p}). Candidates:"
             f"{why or ' none (no nn.Sequential holding an nn.Linear).'}\nBuild the FFN that way, name the "
