@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,7 @@ from torch.distributed.checkpoint import FileSystemReader
 import lightning_phantom as lp
 import lightning_phantom.nn as lpnn
 from lightning_phantom.cost.counting import CommCounter
+from lightning_phantom.strategy import PhantomLayout
 from conftest import run_ranks
 from scripts.train import Batches, Regression, inf_gradient_on_rank_1, job
 
@@ -240,6 +242,42 @@ def test_survivor_exits_with_a_clear_error_when_its_peer_dies_or_hangs(programs,
     else:  # nothing closes: only the timeout ends the wait
         assert "Timed out waiting" in out and 0.8 * timeout <= elapsed < 2 * timeout + 20
     assert "done at step" not in out
+
+
+def test_a_rank_that_starts_late_is_waited_for_longer_than_a_collective(programs, tmp_path):
+    """Setting up waits for every rank to start (setup_timeout, 30 min); only collectives are bounded by
+    ``timeout``. With one bound for both, a rank that starts 8 s late on a busy machine ended the job."""
+    run = programs(["--devices", "2", "--steps", "3", "--timeout", "3", "--late", "8"], tmp_path / "log")
+    assert run.wait(timeout=120) == 0, run.output()[-3000:]
+    out = run.output()
+    assert "rank 1 starts 8 s late" in out
+    assert "rank 0 done at step 3" in out and "rank 1 done at step 3" in out
+
+
+def late_mesh(setup: float):
+    """Rank 1 comes 3 s late to the creation of the mesh's groups, then 3 s late to a collective."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        time.sleep(3)
+    try:
+        mesh = PhantomLayout(1, 2, 2).build_mesh("cpu", timedelta(seconds=1), timedelta(seconds=setup))
+    except Exception as e:  # noqa: BLE001 - the test reads what failed
+        return f"setup failed: {type(e).__name__}"
+    group = mesh["phantom_parallel"].get_group()
+    if dist.get_rank() == 1:
+        time.sleep(3)
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+    except Exception:  # noqa: BLE001 - the test reads what failed
+        return f"collective failed after {time.monotonic() - start:.1f} s"
+    return "collective done"
+
+
+def test_groups_wait_setup_timeout_for_a_late_rank_and_timeout_in_a_collective():
+    rank0, _ = run_ranks(2, late_mesh, 60, timeout=60)
+    assert rank0.startswith("collective failed after ") and float(rank0.split()[-2]) < 2.5, rank0
 
 
 # -------------------------------------------------------------- interrupted runs

@@ -62,3 +62,27 @@ def test_sum_metric_on_data_by_phantom_equals_single_process():
         assert r["rows"] == r["logged_rows"] == N  # not 2N: the phantom replicas count once
         assert abs(r["total"] - single["total"]) < 1e-4
         assert abs(r["accuracy"] - single["accuracy"]) < 1e-6
+
+
+def dense_copy_with_metrics():
+    """to_dense of a module whose metrics the strategy pointed at its data-parallel group."""
+    L.seed_everything(0)
+    model = Classifier()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(ghosts="full"),
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, DataLoader(data(), batch_size=4), verbose=False)
+    synced = model.accuracy.process_group is not None
+    dense = lp.to_dense(trainer.lightning_module)
+    x, y = data().tensors
+    with torch.no_grad():
+        err = (dense(x) - model(x)).abs().max().item()
+    dense.accuracy.reset()
+    dense.accuracy.update(dense(x).argmax(-1), y)
+    return synced, dense.accuracy.process_group, type(dense.net).__name__, err
+
+
+def test_to_dense_of_a_module_with_metrics_is_a_model_for_one_process():
+    for synced, group, net, err in run_ranks(2, dense_copy_with_metrics):
+        assert synced  # the strategy set the metrics' process group: to_dense must not copy it
+        assert group is None and net == "Sequential"
+        assert err < 1e-5  # the same predictions

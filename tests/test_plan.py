@@ -102,3 +102,83 @@ def test_plan_in_a_trainer():
         assert err < 1e-10
     for message in run_ranks(2, fit_with_plan, {"decoder.*": {}}):
         assert "'decoder.*' matches no module" in message  # on every rank alike
+
+
+# ------------------------------------------------- nn.Sequential subclasses (torchvision's MLP)
+class MLP(nn.Sequential):
+    """The shape of torchvision.ops.MLP (torchvision cannot be installed beside this torch): per hidden
+    layer Linear, [norm], activation, Dropout; then Linear, Dropout. Its forward is nn.Sequential's."""
+
+    def __init__(self, in_channels, hidden_channels, norm_layer=None, activation_layer=nn.ReLU, dropout=0.0):
+        layers, in_dim = [], in_channels
+        for hidden_dim in hidden_channels[:-1]:
+            layers.append(nn.Linear(in_dim, hidden_dim))
+            if norm_layer is not None:
+                layers.append(norm_layer(hidden_dim))
+            layers += [activation_layer(), nn.Dropout(dropout)]
+            in_dim = hidden_dim
+        layers += [nn.Linear(in_dim, hidden_channels[-1]), nn.Dropout(dropout)]
+        super().__init__(*layers)
+        self.hidden_channels = list(hidden_channels)  # a user's attribute, which to_dense must keep
+
+
+class Stage(nn.Sequential):  # a nested block of a user's class
+    pass
+
+
+class ResidualMLP(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class Vision(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.mlp = MLP(6, [8, 8, 8, 6], norm_layer=nn.LayerNorm, dropout=0.1)
+        self.head = nn.Sequential(Stage(nn.Linear(6, 8), nn.GELU()), nn.Linear(8, 8), nn.GELU(),
+                                  nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.head(self.mlp(x))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def sharded_and_given_back():
+    L.seed_everything(0)
+    model = Vision()
+    dense = copy.deepcopy(model).double().eval()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(ghosts="full"),
+                        precision="64-true", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    preds = torch.cat(trainer.predict(model, DataLoader(TensorDataset(x), batch_size=5)))
+    back = lp.to_dense(trainer.lightning_module).eval()
+    with torch.no_grad():
+        want = dense(x)
+        errors = [(preds - want).abs().max().item(), (back(x) - want).abs().max().item()]
+    return (sorted(trainer.strategy.converted_modules), errors, type(back.mlp), back.mlp.hidden_channels,
+            type(back.head[0]), list(back.state_dict()) == list(dense.state_dict()))
+
+
+def test_sequential_subclasses_are_sharded_without_a_plan_and_given_back():
+    for converted, errors, mlp, hidden, stage, keys in run_ranks(2, sharded_and_given_back):
+        assert converted == ["head", "mlp"]  # found without a plan
+        assert max(errors) < 1e-12  # ghosts="full": sharded and to_dense predict what the dense model does
+        assert mlp is MLP and hidden == [8, 8, 8, 6]  # the user's class, with its own attribute
+        assert stage is Stage and keys
+
+
+def test_sequential_subclass_with_its_own_forward_is_refused_by_name():
+    model = Vision()
+    model.mlp = ResidualMLP(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6))
+    model.head = nn.Linear(6, 2)
+    with pytest.raises(ValueError) as err:
+        plan_module(model, PhantomPlan(), 2)
+    for words in ("found nothing to shard", "mlp is ResidualMLP", "forward of its own", "Keep it dense",
+                  "plan="):
+        assert words in str(err.value)
+    with pytest.raises(ValueError, match="'mlp', which cannot be sharded: mlp is ResidualMLP, an "
+                                         "nn.Sequential"):
+        plan_module(model, PhantomPlan(modules={"mlp": {}}), 2)

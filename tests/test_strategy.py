@@ -440,6 +440,7 @@ def test_model_errors_are_raised_on_every_rank(kind, words):
     (dict(init="zeros"), ["init must be 'svd' or 'random'"]),
     (dict(timeout=-5), ["timeout must be positive"]),
     (dict(timeout="soon"), ["timeout must be a datetime.timedelta"]),
+    (dict(setup_timeout=0), ["setup_timeout must be positive"]),
 ])
 def test_bad_arguments_fail_in_the_constructor(kwargs, words):
     with pytest.raises(ValueError) as info:

@@ -3,10 +3,11 @@
     python -m lightning_phantom strategy=tp model.width=4096 trainer.devices=2
     lightning-phantom strategy=phantom strategy.ghosts=16 data=digits energy=estimate
 
-The configuration is checked (``check_config``) before the Trainer exists, so a bad one fails
-with a message before any process is started. Then every object is built with
-``hydra.utils.instantiate`` and ``Trainer.fit`` runs; with ``trainer.devices > 1`` Lightning's
-subprocess launcher re-runs this app in each further process, and its Hydra handling gives
+The configuration is checked (``check_config``: the app's own rules, then every object built
+once and thrown away, ``app.objects``) before Hydra makes the run directory, so a bad one fails
+with one line and exit code 2 before any process is started (``app.overrides``). Then every
+object is built (``app.objects.build``) and ``Trainer.fit`` runs; with ``trainer.devices > 1``
+Lightning's subprocess launcher re-runs this app in each further process, and its Hydra handling gives
 them the parent's run directory. Rank 0 writes ``result.json`` there (what
 ``lightning_phantom.app.recorder.RunRecorder`` measured), which ``python -m lightning_phantom.compare``
 reads.
@@ -22,13 +23,15 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_phantom._checks import positive_int
+from lightning_phantom.app.objects import build, build_run, check_keys, check_trainer
+from lightning_phantom.app.overrides import ConfigError, composed, exit_on_config_error, run_hydra_app
 from lightning_phantom.app.processes import run_app_subprocess
 
 
@@ -51,10 +54,6 @@ STRATEGIES = {  # _target_ (class or factory) → the name the app and the table
     "lightning.pytorch.strategies.ddp.DDPStrategy": "ddp",
     "lightning_phantom.app.cli.single_device_strategy": "single",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration the app cannot run; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -116,9 +115,10 @@ def _devices(trainer_cfg: Any) -> int:
     return _int("trainer.devices", devices)
 
 
-def _check_phantom(s: DictConfig, world: int, nodes: int, width: int, depth: int, sizes: list[int]):
-    """The strategy's own checks, run here before any process starts: layout, request, plan of ``net``."""
-    from lightning_phantom.nn.plan import PhantomPlan
+def _check_phantom(s: DictConfig, strategy: Any, model: Any, world: int, nodes: int, width: int, depth: int):
+    """The strategy's own checks, run here before any process starts: the layout, and its plan
+    (``strategy.ghosts``, ``strategy.plan``) of the model, found as the strategy finds it."""
+    from lightning_phantom.nn.plan import plan_module
     from lightning_phantom.strategy.layout import PhantomLayout
 
     try:
@@ -135,15 +135,15 @@ def _check_phantom(s: DictConfig, world: int, nodes: int, width: int, depth: int
         raise ConfigError(f"model.width={width} is not divisible by the phantom group size {p} "
                           f"({width} % {p} = {width % p}); every rank holds width/p neurons. Use a multiple "
                           f"of {p}")
-    given = OmegaConf.to_container(s).get("ghosts", "auto")
+    given = OmegaConf.to_container(s)
     try:
-        plan = PhantomPlan(given, s.get("init", "svd"), s.get("overlap", True))
-        plan.check_names(["net"])  # the app's module has one FFN, `net`
-        ffn = plan.for_ffn("net", sizes, p)
+        found = plan_module(model, strategy.plan, p)
     except ValueError as e:
-        raise ConfigError(f"strategy.ghosts={given!r} does not fit model.width={width} on phantom groups of "
-                          f"{p}: {e}") from None
-    return p, layout.data, list(ffn.ghosts)
+        what = (f"strategy.plan={given['plan']!r} does not fit the app's model (its FFN is 'net', "
+                f"model.width={width})" if given.get("plan") else
+                f"strategy.ghosts={given.get('ghosts', 'auto')!r} does not fit model.width={width}")
+        raise ConfigError(f"{what} on phantom groups of {p}: {e}") from None
+    return p, layout.data, [k for ffn, _ in found.convert for k in ffn.ghosts]
 
 
 def _check_tp(s: DictConfig, world: int, nodes: int, sizes: list[int]) -> tuple[int, int]:
@@ -182,8 +182,13 @@ def _check_energy(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> Plan:
-    """Everything that can be known before a process starts; raises ``ConfigError`` with the fix."""
+    """Everything that can be known before a process starts; raises ``ConfigError`` with the fix.
+
+    The app's own rules first (they name the keys to change), then each object built as the run
+    builds it (``app.objects``: their own validators), the Trainer last.
+    """
     kind = strategy_kind(cfg.get("strategy"))
+    check_keys(cfg, CONF_DIR)
     nodes = _int("trainer.num_nodes", cfg.trainer.get("num_nodes", 1))
     world = _devices(cfg.trainer) * nodes
     m = cfg.model
@@ -194,8 +199,10 @@ def check_config(cfg: DictConfig) -> Plan:
     if kind == "single" and world != 1:
         raise ConfigError(f"strategy=single runs on one device, but trainer.devices × trainer.num_nodes = "
                           f"{world}; set trainer.devices=1, or choose strategy=phantom, tp or ddp")
+    built = build_run(cfg, meta=True)
     if kind == "phantom":
-        group, data, ghosts = _check_phantom(cfg.strategy, world, nodes, width, depth, sizes)
+        group, data, ghosts = _check_phantom(cfg.strategy, built.strategy, built.model, world, nodes, width,
+                                             depth)
     elif kind == "tp":
         group, data = _check_tp(cfg.strategy, world, nodes, sizes)
     _check_energy(cfg)
@@ -208,6 +215,7 @@ def check_config(cfg: DictConfig) -> Plan:
     target = cfg.get("target_loss")
     if stop and (isinstance(target, bool) or not isinstance(target, (int, float))):
         raise ConfigError(f"stop_at_target=true needs a number as target_loss, got {target!r}")
+    check_trainer(cfg, built.strategy)
     return Plan(kind, world, group, data, sizes, ghosts)
 
 
@@ -224,11 +232,8 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
 
     run_dir = Path(run_dir or os.getcwd())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same dense init on every rank
-    data = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
-    strategy = hydra.utils.instantiate(cfg.strategy)
-    energy = cfg.get("energy")
-    monitor = hydra.utils.instantiate(energy) if energy and "_target_" in energy else None
+    built = build_run(cfg)
+    monitor = built.monitor
     measure = cfg.get("measure") or {}
     recorder = RunRecorder(plan, count_step=measure.get("count_step"), energy=monitor,
                            warmup_steps=measure.get("warmup_steps", 3),
@@ -245,10 +250,10 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
         callbacks.append(EarlyStopping("val_loss", mode="min", stopping_threshold=float(cfg.target_loss),
                                        patience=sys.maxsize, check_on_train_epoch_end=False))
     logger = CSVLogger(run_dir, name="logs", version="") if cfg.get("csv_logger", True) else False
-    trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=logger,
-                                      default_root_dir=str(run_dir))
+    trainer = build(cfg, "trainer", strategy=built.strategy, callbacks=callbacks, logger=logger,
+                    default_root_dir=str(run_dir))
     try:
-        trainer.fit(model, datamodule=data)
+        trainer.fit(built.model, datamodule=built.data)
     except SystemExit:
         if trainer.interrupted:  # Lightning stopped every process on Ctrl-C and exits with 1
             raise KeyboardInterrupt from None
@@ -294,30 +299,11 @@ class CheckConfig(HydraCallback):
     conf/config.yaml): a rejected configuration leaves no folder behind."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        composed()
         exit_on_config_error("lightning-phantom", check_config, config)
 
-
-def exit_on_config_error(program: str, check: Callable, *args: Any) -> Any:
-    """``check(*args)``; a ``ConfigError`` becomes one line on stderr and exit code 2."""
-    try:
-        return check(*args)
-    except ConfigError as e:
-        print(f"{program}: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def exit_on_interrupt(program: str, fn: Callable[[], Any]) -> None:
-    """``fn()``; Ctrl-C becomes one line on stderr and exit code 130 (128 + SIGINT), as in a shell.
-
-    Whatever ``fn`` started is stopped before this: Lightning's launcher kills its ranks, and
-    ``run_app_subprocess`` kills the run's whole session.
-    """
-    try:
-        fn()
-    except KeyboardInterrupt:
-        print(f"\n{program}: interrupted (Ctrl-C); every process of the run was stopped", file=sys.stderr,
-              flush=True)
-        raise SystemExit(130) from None
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        composed()  # each job is checked as it starts (_app)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -335,7 +321,7 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``lightning-phantom`` / ``python -m lightning_phantom``."""
-    exit_on_interrupt("lightning-phantom", _app)
+    run_hydra_app("lightning-phantom", _app, CONF_DIR, "config")
 
 
 if __name__ == "__main__":

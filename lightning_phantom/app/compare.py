@@ -41,8 +41,9 @@ import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_phantom.app.cli import (CONF_DIR, RESULT_FILE, ConfigError, check_config, exit_on_config_error,
-                                      exit_on_interrupt)
+from lightning_phantom.app.cli import CONF_DIR, RESULT_FILE, check_config
+from lightning_phantom.app.objects import check_keys
+from lightning_phantom.app.overrides import ConfigError, composed, exit_on_config_error, run_hydra_app
 from lightning_phantom.app.processes import run_app_subprocess
 from lightning_phantom.app.report import plot_against_ghosts, run_label, terminal_table, write_outputs
 
@@ -158,8 +159,13 @@ class CheckComparison(HydraCallback):
     """``plan_runs`` before Hydra makes the run directory: a rejected comparison leaves no folder."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        composed()
+        exit_on_config_error("lightning-phantom-compare", check_keys, config, CONF_DIR, "compare")
         exit_on_config_error("lightning-phantom-compare", plan_runs, config,
                              [str(o) for o in config.hydra.overrides.task])
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        composed()  # each job is checked as it starts (compare)
 
 
 def compare(cfg: DictConfig) -> str:
@@ -197,8 +203,8 @@ def compare(cfg: DictConfig) -> str:
         results[label], runs[label] = result, str(run_dir)
     write_outputs(results, out_dir, "compare", runs)
     table = terminal_table(results)
-    print(f"{table}\n\n(full table: compare.md; also compare.csv, compare.png, compare.json in {out_dir})",
-          flush=True)
+    print(f"{table}\n\n(full table: compare.md; also compare.csv, compare.json, compare.png, "
+          f"compare_target.png in {out_dir})", flush=True)
     return table
 
 
@@ -241,9 +247,10 @@ class GatherSweep(HydraCallback):
             print(f"compare: no results to gather in {sweep_dir}", file=sys.stderr)
             return
         write_outputs(results, sweep_dir, "sweep", runs, jobs)
-        summary = " and sweep_ghosts.png" if plot_against_ghosts(results, sweep_dir / "sweep_ghosts.png") else ""
+        ghosts_plot = plot_against_ghosts(results, sweep_dir / "sweep_ghosts.png")
+        summary = " and sweep_ghosts.png" if ghosts_plot is not None else ""
         print(f"\nSweep, {len(results)} runs:\n{terminal_table(results)}\n\n(full table: sweep.md; also sweep.csv, "
-              f"sweep.json, sweep.png{summary} in {sweep_dir})", flush=True)
+              f"sweep.json, sweep.png, sweep_target.png{summary} in {sweep_dir})", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="compare")
@@ -253,7 +260,7 @@ def _compare_app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``lightning-phantom-compare`` / ``python -m lightning_phantom.compare``."""
-    exit_on_interrupt("lightning-phantom-compare", _compare_app)
+    run_hydra_app("lightning-phantom-compare", _compare_app, CONF_DIR, "compare")
 
 
 if __name__ == "__main__":

@@ -202,9 +202,26 @@ def _zoom(ax, values: list[float], log_ok: bool = True) -> None:
     ax.set_ylim(low, high)
 
 
+def energy_label(what: str, meter: str) -> str:
+    """An axis label for joules; with the CPU meter it says, once, that they are an estimate."""
+    return f"{what} (an ESTIMATE: CPU time × W/core)" if meter == "estimate" else f"{what} ({meter})"
+
+
+def _clipped(ax, curves: list[list[float]], steps: list[list[int]], name: str) -> Optional[str]:
+    """A note naming the train losses off the y range (early training, typically), or None."""
+    low, high = ax.get_ylim()
+    off = [(step, v) for curve, at in zip(curves, steps) for step, v in zip(at, curve)
+           if not low <= v <= high]
+    if not off:
+        return None
+    return (f"clipped: train {name} outside the y range until step {max(s for s, _ in off)} (up to "
+            f"{max(v for _, v in off):.3g}); the range is the validations'")
+
+
 def plot(results: dict[str, dict], path: Path, meter: str):
     """Val loss (points) and train loss (thin lines) against cumulative joules and wall time, with
-    the target; the y range is that of the validations and the target, where the runs differ."""
+    the target; the y range is that of the validations and the target, where the runs differ, and
+    the title says when it clips the early training curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,8 +240,7 @@ def plot(results: dict[str, dict], path: Path, meter: str):
                 ax.plot([r[x] for r in val], [r[3] for r in val], "o-", color=line.get_color(), ms=4, lw=1.5,
                         label=f"{run_legend(label, result)} val")
         shown += [r[3] for r in val] + [r[3] for r in train[len(train) * 3 // 4:]]  # and the last quarter
-    estimate = ": CPU time × W/core, an estimate" if meter == "estimate" else ""
-    for ax, xlabel in ((by_J, f"cumulative energy, J ({meter}{estimate})"),
+    for ax, xlabel in ((by_J, energy_label("cumulative energy, J", meter)),
                        (by_s, "wall time since training started, s")):
         if target is not None:
             ax.axhline(target, color="black", ls="--", lw=1, label=f"target val {name} = {target:g}")
@@ -233,7 +249,10 @@ def plot(results: dict[str, dict], path: Path, meter: str):
         _zoom(ax, shown + ([target] if target is not None else []))
         ax.grid(alpha=0.3, which="both")
     by_J.legend(fontsize=7)
-    fig.suptitle(f"Validation {name} against energy and against time; dashed: the target")
+    trains = [r["train_curve"] for r in results.values()]
+    note = _clipped(by_J, [[r[3] for r in t] for t in trains], [[r[0] for r in t] for t in trains], name)
+    fig.suptitle(f"Validation {name} against energy and against time; dashed: the target"
+                 + (f"\n{note}" if note else ""), fontsize=10 if note else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -273,8 +292,7 @@ def plot_to_target(results: dict[str, dict], path: Path, meter: str):
             joules = {r[0]: r[2] for r in val}  # global step -> cumulative J at that validation
             points = [(joules[step], acc) for step, acc in result["val_acc_curve"] if step in joules]
             axes[2].plot(*zip(*points), "o-", ms=3, color=f"C{i}", label=run_legend(label, result))
-    energy = ("cumulative energy, J (an ESTIMATE: CPU time × W/core)" if meter == "estimate"
-              else f"cumulative energy, J ({meter})")
+    energy = energy_label("cumulative energy, J", meter)
     for ax, xlabel in zip(axes, (energy, "rank-seconds (wall time × ranks)", energy)):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="both")
@@ -293,19 +311,23 @@ def plot_to_target(results: dict[str, dict], path: Path, meter: str):
     return fig
 
 
-SWEEP_PANELS = (  # CSV key, y label
-    ("J_per_step_median", "J per step"), ("sent_bytes_per_step", "bytes sent per step and rank"),
-    ("step_ms_median", "step time, ms (median)"), ("target_J", "J to target"),
+SWEEP_PANELS = (  # CSV key, y label, joules (labelled by meter), log scale
+    ("J_per_step_median", "J per step", True, False),
+    # TP sends ~n/(p·k) times what phantom does: on a linear axis phantom's bytes sit on its zero line.
+    ("sent_bytes_per_step", "bytes sent per step and rank (log)", False, True),
+    ("step_ms_median", "step time, ms (median)", False, False), ("target_J", "J to target", True, False),
 )
 
 
-def plot_against_ghosts(results: dict[str, dict], path: Path) -> bool:
+def plot_against_ghosts(results: dict[str, dict], path: Path):
     """A sweep's phantom runs against their number of ghosts, one panel per figure, each TP run a
-    horizontal line; False (and no file) where fewer than two phantom runs have one ghosts value."""
-    phantom = [(row, int(row["ghosts"])) for row in map(result_row, results.values())
+    horizontal line; the figure, or None (and no file) where fewer than two phantom runs have one
+    ghosts value. Joules say which meter, and that the CPU one's are an estimate."""
+    rows = list(map(result_row, results.values()))
+    phantom = [(row, int(row["ghosts"])) for row in rows
                if row["strategy"] == "phantom" and row["ghosts"].isdigit()]
     if len({k for _, k in phantom}) < 2:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,11 +335,14 @@ def plot_against_ghosts(results: dict[str, dict], path: Path) -> bool:
 
     tp = [result_row(r) for r in results.values() if r["strategy"] == "tp"]
     phantom.sort(key=lambda item: item[1])
+    meter = ", ".join(sorted({row["meter"] for row in rows}))
     fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(4 * len(SWEEP_PANELS), 3.8))
-    for ax, (key, ylabel) in zip(axes, SWEEP_PANELS):
+    for ax, (key, ylabel, joules, log) in zip(axes, SWEEP_PANELS):
         points = [(k, row[key]) for row, k in phantom if row[key] is not None]
         if points:
             ax.plot(*zip(*points), "o-", label="phantom")
+        elif all(row[key] is None for row in tp):  # J to target where no run reached it
+            ax.text(0.5, 0.5, "no run reached\nthe target", transform=ax.transAxes, ha="center", va="center")
         for i, row in enumerate(tp):
             if row[key] is not None:
                 ax.axhline(row[key], color=f"C{i + 1}", ls="--", label="tp" + (f" ({row['sizes']})" if len(tp) > 1
@@ -325,14 +350,17 @@ def plot_against_ghosts(results: dict[str, dict], path: Path) -> bool:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({k for _, k in phantom}), [str(k) for k in sorted({k for _, k in phantom})])
         ax.set_xlabel("ghosts per rank and layer")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.set_ylabel(energy_label(ylabel, meter) if joules else ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.suptitle("Phantom parallelism against the number of ghosts; dashed: tensor parallelism")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return fig
 
 
 def run_label(result: dict) -> str:

@@ -5,20 +5,24 @@
 * ``merge_shards``: p shards → p/m shards computing exactly the same function
   (docs/operator.md §7); m = p gives the dense model.
 * ``gather_shards`` / ``to_dense``: collect a group's shards on every rank and rebuild the
-  dense module, for serving on one device.
+  dense module, for serving on one device (of the user's classes: ``blocks``).
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
 from lightning_phantom.ops.comm import GroupInfo, all_gather_into
+from lightning_phantom.nn.blocks import (
+    Block, check_blocks, dense_blocks, is_block, keep_blocks, plain_block, user_block,
+)
 from lightning_phantom.nn.ghosts import resolve_ghosts
 from lightning_phantom.nn.layers import (
     ELEMENTWISE, ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, _Shard, leaf_layers,
@@ -30,15 +34,16 @@ from lightning_phantom.nn.norms import PHANTOM_NORMS, PhantomNorm, merge_norms, 
 def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
     """The Linear layers of an FFN, or a ValueError saying why ``module`` is not one.
 
-    An FFN is an ``nn.Sequential`` whose layers — nested ``nn.Sequential`` blocks flattened —
-    are ``nn.Linear``, element-wise layers, and ``nn.LayerNorm``/``nn.RMSNorm``/``nn.BatchNorm1d``
-    over the features of the layer before.
+    An FFN is an ``nn.Sequential`` (or a subclass keeping its forward, ``blocks.is_block``) whose
+    layers — nested blocks flattened — are ``nn.Linear``, element-wise layers, and
+    ``nn.LayerNorm``/``nn.RMSNorm``/``nn.BatchNorm1d`` over the features of the layer before.
     """
     if not isinstance(module, nn.Sequential):
         raise TypeError(f"{name} must be an nn.Sequential of nn.Linear, norm and element-wise layers "
                         f"(blocks may be nested nn.Sequentials), got {type(module).__name__}. A module with its "
                         "own forward (a residual connection, say) cannot be split: shard the nn.Sequential "
                         "inside it instead, or keep it dense.")
+    check_blocks(module, name)
     linears = []
     seen: dict[int, str] = {}
     width = None  # features of the activation at this point, once a Linear has set them
@@ -80,14 +85,16 @@ def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
     return linears
 
 
-def _rebuild(seq: nn.Sequential, layer_fn, top=PhantomFFN.from_layers, prefix: str = "") -> nn.Sequential:
+def _rebuild(seq: nn.Sequential, layer_fn, top=PhantomFFN.from_layers, prefix: str = "",
+             block: Block = plain_block) -> nn.Sequential:
     """``seq`` with every layer replaced by ``layer_fn(path, layer)``, the nesting and child names kept,
-    so the result has the state-dict keys of ``seq`` (``0.0.weight``, ``block1.fc.weight`` …)."""
+    so the result has the state-dict keys of ``seq`` (``0.0.weight``, ``block1.fc.weight`` …).
+    ``top(children)`` makes the outer module, ``block(path, children)`` each nested block."""
     children = OrderedDict()
     for name, child in seq._modules.items():
         path = prefix + name
-        children[name] = (_rebuild(child, layer_fn, nn.Sequential, path + ".") if type(child) is nn.Sequential
-                          else layer_fn(path, child))
+        children[name] = (_rebuild(child, layer_fn, lambda c, path=path: block(path, c), path + ".", block)
+                          if is_block(child) else layer_fn(path, child))
         children[name].training = child.training  # a BatchNorm in eval mode stays in eval mode
     out = top(children)
     out.training = seq.training
@@ -182,7 +189,9 @@ def to_phantom(module: nn.Sequential, ghosts, group=None, init: str = "svd", ove
             return ShardedDropout(child.p, sharded[path], shard=info)
         return _convert_child(child, linears, ghost_iter, info, overlap, random=init == "random")
 
-    return _rebuild(module, convert)
+    ffn = _rebuild(module, convert)
+    ffn.dense_blocks = dense_blocks(module)  # the user's classes, for to_dense
+    return ffn
 
 
 def _convert_child(child, linears, ghost_iter, info: GroupInfo, overlap: bool, random: bool) -> nn.Module:
@@ -245,7 +254,7 @@ def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
                 return _empty_shard(m, shard_info, m.weight)
             return m.rebuild(shard_info) if isinstance(m, (PhantomNorm, ShardedDropout)) else copy.deepcopy(m)
 
-        shard = _rebuild(ffn, empty)
+        shard = keep_blocks(ffn, _rebuild(ffn, empty))
         shard.load_state_dict({name: t[rank] for name, t in gathered.items()})
         shards.append(shard)
     return shards
@@ -316,12 +325,13 @@ def merge_shards(shards: Sequence[PhantomFFN], m: int) -> list[PhantomFFN]:
                 return layer.rebuild(info)
             return copy.deepcopy(layer)
 
-        merged.append(_rebuild(shards[0], merge))
+        merged.append(keep_blocks(shards[0], _rebuild(shards[0], merge)))
     return merged
 
 
 def _dense_sequential(ffn: PhantomFFN) -> nn.Sequential:
-    """A one-shard PhantomFFN as plain torch modules, nested and named as the user's FFN was."""
+    """A one-shard PhantomFFN as plain torch modules, nested and named as the user's FFN was, each
+    block of the user's class (``blocks.dense_blocks``)."""
 
     def dense(path: str, layer: nn.Module) -> nn.Module:
         if isinstance(layer, _Shard):
@@ -333,21 +343,27 @@ def _dense_sequential(ffn: PhantomFFN) -> nn.Sequential:
             return layer.to_dense()
         return copy.deepcopy(layer)
 
-    return _rebuild(ffn, dense, nn.Sequential)
+    block = user_block(getattr(ffn, "dense_blocks", None) or {})
+    return _rebuild(ffn, dense, lambda children: block("", children), block=block)
 
 
 def to_dense(module: nn.Module) -> nn.Module:
     """The dense model a phantom model computes; a collective call, every rank gets it.
 
     For a ``PhantomFFN``: the dense ``nn.Sequential`` (same layer order and activations
-    as the FFN it came from). For any module containing PhantomFFNs (a LightningModule,
-    say): a deep copy with each replaced by its dense form, detached from any Trainer.
+    as the FFN it came from; an instance of its class where that was a subclass, such as
+    torchvision's ``MLP``). For any module containing PhantomFFNs (a LightningModule, say): a
+    deep copy with each replaced by its dense form, for one process: detached from any Trainer,
+    and every process group a submodule holds (a torchmetrics ``Metric``'s, which the strategy
+    sets) left ``None``, so that its metrics compute on the one process.
     """
     if isinstance(module, PhantomFFN):
         return _dense_sequential(merge_shards(gather_shards(module), module.shard.size)[0])
     # modules() has the same order on every rank, so the collectives line up.
-    memo = {id(ffn): to_dense(ffn) for ffn in module.modules() if isinstance(ffn, PhantomFFN)}
+    memo: dict[int, Any] = {id(ffn): to_dense(ffn) for ffn in module.modules() if isinstance(ffn, PhantomFFN)}
     for attr in ("_trainer", "_fabric", "_device_mesh"):
         if getattr(module, attr, None) is not None:
             memo[id(getattr(module, attr))] = None
+    for sub in module.modules():  # a ProcessGroup cannot be copied, and means nothing to one process
+        memo.update((id(v), None) for v in vars(sub).values() if isinstance(v, ProcessGroup))
     return copy.deepcopy(module, memo)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_phantom.nn.blocks import is_block
 from lightning_phantom.nn.ghosts import GhostSpec, resolve_ghosts
 from lightning_phantom.ops.comm import GroupInfo, copy_to_phantom, reduce_from_phantom
 from lightning_phantom.ops.operator import PhantomLinearFunction
@@ -304,11 +305,11 @@ class PhantomFFN(nn.Sequential):
 
 
 def leaf_layers(seq: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """(state-dict prefix, layer) of every layer of ``seq``, nested ``nn.Sequential`` blocks flattened."""
+    """(state-dict prefix, layer) of every layer of ``seq``, nested blocks (``blocks.is_block``) flattened."""
     out = []
     # _modules, not named_children(): a layer placed twice must be seen twice (tied weights are refused).
     for name, child in seq._modules.items():
-        if type(child) is nn.Sequential:
+        if is_block(child):  # nn.Sequential, or a subclass keeping its forward
             out += leaf_layers(child, f"{prefix}{name}.")
         else:
             out.append((prefix + name, child))

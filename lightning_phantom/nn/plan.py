@@ -116,10 +116,11 @@ class ModulePlan:
 def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
     """Find the FFNs of ``module`` and plan each for phantom groups of ``p``; every check happens here.
 
-    An FFN is an ``nn.Sequential`` (of nested ``nn.Sequential`` blocks, possibly) of ``nn.Linear``,
-    norm and element-wise layers with at least 3 Linear layers whose hidden widths are divisible
-    by ``p``; with ``plan.modules``, exactly the modules it names. Raises if there is none (and no
-    ``PhantomFFN`` either), or if a ghosts mapping names a module that is not one.
+    An FFN is an ``nn.Sequential`` or a subclass keeping its forward (of nested such blocks,
+    possibly) of ``nn.Linear``, norm and element-wise layers with at least 3 Linear layers whose
+    hidden widths are divisible by ``p``; with ``plan.modules``, exactly the modules it names.
+    Raises if there is none (and no ``PhantomFFN`` either), or if a ghosts mapping names a module
+    that is not one.
     """
     found = ModulePlan()
     dense: list[tuple[str, nn.Sequential]] = []
@@ -132,7 +133,8 @@ def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
             if isinstance(child, PhantomFFN):
                 found.built.append((name, child))
                 continue
-            if type(child) is nn.Sequential and any(type(m) is nn.Linear for m in child.modules()):
+            # Subclasses too (torchvision's MLP); one with its own forward is refused by _ineligible.
+            if isinstance(child, nn.Sequential) and any(type(m) is nn.Linear for m in child.modules()):
                 reason = _ineligible(child, name, p)
                 if reason is None:
                     dense.append((name, child))
@@ -145,10 +147,12 @@ def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
         why = "".join(f"\n  - {name}: {reason}" for name, reason in found.rejected)
         raise ValueError(
             f"PhantomStrategy found nothing to shard in {type(module).__name__}. It converts FFNs: an "
-            "nn.Sequential (blocks may be nested nn.Sequentials) of nn.Linear, LayerNorm/RMSNorm/BatchNorm1d and "
+            "nn.Sequential, or a subclass keeping its forward such as torchvision's MLP (blocks may be "
+            "nested), of nn.Linear, LayerNorm/RMSNorm/BatchNorm1d and "
             "element-wise layers (activations, dropout) with at least 3 "
             f"Linear layers and hidden widths divisible by phantom({p}). Candidates:"
-            f"{why or ' none (no nn.Sequential holding an nn.Linear).'}\nBuild the FFN that way, build "
+            f"{why or ' none (no nn.Sequential holding an nn.Linear).'}\nBuild the FFN that way, name the "
+            "modules to shard with PhantomStrategy(plan={'encoder.*.ffn': {}}), build "
             "lightning_phantom.PhantomFFN(..., group=self.trainer.strategy.phantom_group) in "
             "configure_model(), or use another strategy (e.g. 'ddp') for a model without one."
         )

@@ -13,9 +13,11 @@ That is the default, as in Lightning's ``ModelParallelStrategy``: phantom = proc
 node, data = nodes. A layout whose phantom groups span nodes is allowed (a user may ask
 for it) and says so in ``cross_node_warning``.
 
-The sub-groups are created here with an explicit ``timeout`` (``init_device_mesh``
-would give them torch's default, not the one the job asked for), so a dead peer ends a
-phantom collective as it ends a world one.
+The sub-groups are created here with explicit timeouts (``init_device_mesh`` would give them
+torch's default, not the ones the job asked for). Setting up and running are bounded apart:
+creating a group waits for every rank to arrive, which on a busy machine or a cluster can take
+far longer than a collective should (``setup_timeout``); the groups then get the collective
+``timeout``, so a dead peer ends a phantom collective as it ends a world one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _init_dist_connection
 
 from lightning_phantom._checks import positive_int
 
@@ -41,17 +44,34 @@ def check_size(name: str, value: object) -> Size:
     return "auto" if value == "auto" else positive_int(name, value, also="'auto'")
 
 
-def check_timeout(timeout: Any) -> Optional[timedelta]:
+def check_timeout(timeout: Any, name: str = "timeout") -> Optional[timedelta]:
     """A process-group timeout from a ``timedelta`` or seconds; None keeps torch's default."""
     if timeout is None:
         return None
     if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
         timeout = timedelta(seconds=timeout)
     if not isinstance(timeout, timedelta):
-        raise ValueError(f"timeout must be a datetime.timedelta or a number of seconds, got {timeout!r}")
+        raise ValueError(f"{name} must be a datetime.timedelta or a number of seconds, got {timeout!r}")
     if timeout.total_seconds() <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout.total_seconds()} s")
+        raise ValueError(f"{name} must be positive, got {timeout.total_seconds()} s")
     return timeout
+
+
+def set_collective_timeout(group: Optional[dist.ProcessGroup], timeout: Optional[timedelta]) -> None:
+    """From now on, a collective of ``group`` (None: the default group) waits ``timeout`` for its peers."""
+    if timeout is not None:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def connect(cluster_environment: Any, backend: str, timeout: Optional[timedelta],
+            setup_timeout: Optional[timedelta], device_id: Optional[torch.device] = None) -> None:
+    """Lightning's ``_init_dist_connection``, its rendezvous waiting up to ``setup_timeout`` for every rank
+    to start; the default group it creates then waits ``timeout`` in a collective. A default group
+    that exists already (the user's, a test's) is left as it is."""
+    creating = not dist.is_initialized()
+    _init_dist_connection(cluster_environment, backend, timeout=setup_timeout, device_id=device_id)
+    if creating:
+        set_collective_timeout(None, timeout)
 
 
 def _per_node(world_size: int, nodes: int) -> int:
@@ -145,8 +165,13 @@ class PhantomLayout:
         """Global ranks of every data-parallel group (the replicas of one phantom rank)."""
         return [[d * self.phantom + i for d in range(self.data)] for i in range(self.phantom)]
 
-    def build_mesh(self, device_type: str, timeout: Optional[timedelta] = None) -> "DeviceMesh":
-        """The 2-D mesh ("data_parallel", "phantom_parallel"); a collective over the default group."""
+    def build_mesh(self, device_type: str, timeout: Optional[timedelta] = None,
+                   setup_timeout: Optional[timedelta] = None) -> "DeviceMesh":
+        """The 2-D mesh ("data_parallel", "phantom_parallel"); a collective over the default group.
+
+        Creating the groups waits up to ``setup_timeout`` (default: ``timeout``) for every rank;
+        their collectives then wait up to ``timeout``.
+        """
         from torch.distributed.device_mesh import DeviceMesh
 
         if not dist.is_initialized():
@@ -154,8 +179,11 @@ class PhantomLayout:
         if dist.get_world_size() != self.world_size:
             raise ValueError(f"the layout is for world size {self.world_size} but the default process group "
                              f"has {dist.get_world_size()} ranks")
-        data_group, _ = dist.new_subgroups_by_enumeration(self.data_groups(), timeout=timeout)
-        phantom_group, _ = dist.new_subgroups_by_enumeration(self.phantom_groups(), timeout=timeout)
+        setup = setup_timeout or timeout
+        data_group, _ = dist.new_subgroups_by_enumeration(self.data_groups(), timeout=setup)
+        phantom_group, _ = dist.new_subgroups_by_enumeration(self.phantom_groups(), timeout=setup)
+        for group in (data_group, phantom_group):
+            set_collective_timeout(group, timeout)
         mesh = torch.arange(self.world_size, dtype=torch.int).view(self.data, self.phantom)
         return DeviceMesh.from_group([data_group, phantom_group], device_type, mesh=mesh,
                                      mesh_dim_names=MESH_DIM_NAMES)

@@ -37,7 +37,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device, _init_dist_connection
+from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
@@ -58,7 +58,7 @@ from lightning_phantom.strategy.collectives import PhantomCollectives
 from lightning_phantom.strategy.data_parallel import DataAxis, sync_replicas
 from lightning_phantom.strategy.sharding import shard_module
 from lightning_phantom.strategy.guards import NonFiniteGuard, peer_failure_message
-from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout
+from lightning_phantom.strategy.layout import PhantomLayout, Size, check_size, check_timeout, connect
 from lightning_phantom.strategy.metrics import sync_metrics_over
 from lightning_phantom.strategy.precision import global_grad_norm, phantom_precision
 from lightning_phantom.strategy.step import finish_step
@@ -90,9 +90,11 @@ class PhantomStrategy(PhantomCollectives):
         data_parallel: ``"ddp"`` (default): each replica holds whole shards; gradients are averaged
             over the replicas during backward, bucket by bucket. ``"fsdp"``: FSDP2 shards each FFN's parameters, gradients
             and optimizer state over the replicas too (1/data of the memory; two collectives more).
-        timeout: process-group timeout (``timedelta`` or seconds) of the default group when the strategy
-            creates it, and of the data and phantom groups: a dead peer ends the job (a hung one after
-            up to twice this: Lightning's per-step SIGTERM broadcast swallows the first timeout).
+        timeout: how long a collective waits for its peers (``timedelta`` or seconds), in the default group
+            when the strategy creates it and in the data and phantom groups: a dead peer ends the job (a
+            hung one after up to twice this: Lightning's per-step SIGTERM broadcast swallows the first).
+        setup_timeout: how long the rendezvous and the creation of process groups wait for every rank to
+            arrive (30 min, torch's default): processes start late on a busy machine or a cluster.
         detect_non_finite: add a ``NonFiniteGuard`` when fitting (unless one is in the callbacks):
             every rank stops with a ``NonFiniteError`` naming the step, ranks and tensors as soon as a
             loss or gradient is NaN/Inf, before the optimizer step and any later checkpoint.
@@ -116,6 +118,7 @@ class PhantomStrategy(PhantomCollectives):
         overlap: bool = True,
         data_parallel: str = "ddp",
         timeout: Optional[Union[timedelta, float]] = default_pg_timeout,
+        setup_timeout: Optional[Union[timedelta, float]] = default_pg_timeout,
         detect_non_finite: bool = True,
         process_group_backend: Optional[str] = None,
         plan: Optional[Mapping[str, Any]] = None,
@@ -130,6 +133,7 @@ class PhantomStrategy(PhantomCollectives):
         #: The sharding request, checked here so that a bad one fails before any process starts.
         self.plan = PhantomPlan(ghosts, init, overlap, modules=plan)
         self._timeout = check_timeout(timeout)
+        self._setup_timeout = check_timeout(setup_timeout, "setup_timeout")
         self.data_axis = DataAxis(data_parallel)
         self._detect_non_finite = bool(detect_non_finite)
         self._guard: Optional[NonFiniteGuard] = None
@@ -252,11 +256,11 @@ class PhantomStrategy(PhantomCollectives):
                                        or _get_default_process_group_backend_for_device(self.root_device))
         assert self.cluster_environment is not None
         device_id = self.root_device if self.root_device.type != "cpu" else None
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
-                              device_id=device_id)
+        connect(self.cluster_environment, self._process_group_backend, self._timeout, self._setup_timeout,
+                device_id)
         self._layout = PhantomLayout.resolve(self._data_parallel_size, self._phantom_parallel_size,
                                              self.world_size, self.num_nodes)
-        self._device_mesh = self._layout.build_mesh(self.root_device.type, self._timeout)
+        self._device_mesh = self._layout.build_mesh(self.root_device.type, self._timeout, self._setup_timeout)
         # Users reach the mesh in LightningModule.configure_model() as self.device_mesh.
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh

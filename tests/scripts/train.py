@@ -5,7 +5,7 @@ Launched as ``python train.py --devices 2`` (Lightning starts the other rank) or
 ``--out`` writes its final weights to ``OUT.rankR.pt``. Options inject the failures the
 tests need: ``--kill-at`` (a power cut: SIGKILL to every process of the run),
 ``--crash-in-save`` (the same, in the middle of writing a checkpoint), ``--slow`` (time
-for a test to kill a rank itself).
+for a test to kill a rank itself), ``--late`` (every rank but 0 starts late, as on a busy machine).
 
 ``job()`` is importable, so a test can run the very same job on conftest's rank pool.
 """
@@ -270,10 +270,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--crash-in-save", type=int)
     parser.add_argument("--slow", type=float, default=0.0)
+    parser.add_argument("--late", type=float, default=0.0)
     parser.add_argument("--probe", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.late and int(os.environ.get("LOCAL_RANK", "0")) > 0:  # Lightning's launcher started this rank
+        say(f"rank {os.environ['LOCAL_RANK']} starts {args.late:g} s late")
+        time.sleep(args.late)
     result = job(devices=args.devices, num_nodes=args.num_nodes, phantom=args.phantom, steps=args.steps,
                  optimizer=args.optimizer, lr=args.lr, ckpt_dir=args.ckpt_dir, every=args.every,
                  resume=args.resume, timeout=args.timeout, kill_at=args.kill_at,
