@@ -6,7 +6,8 @@ carries its phantom rank and group size (``model::net.2.compress|phantom1/2``): 
 collide, and the data-parallel replicas of a shard, identical under one key, are written
 once. Optimizer state is keyed the same way (``optimizer_0::net.2.compress|phantom1/2::exp_avg``).
 What is not a tensor goes to ``meta.pt`` (read with ``weights_only=True``) under
-``"phantom"``, with the format version, the layout and the non-tensor entries. Writing goes
+``"phantom"``, with the format version, the layout, the non-tensor entries and a record of
+each phantom module's structure (``nn.architecture``, for ``reshard_checkpoint``). Writing goes
 through ``storage`` (staging directory, atomic publish).
 """
 
@@ -26,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_phantom.nn.architecture import describe_modules
 from lightning_phantom.nn.layers import sharded_buffers, sharded_parameters
 from lightning_phantom.strategy.storage import (
     SafeFileSystemReader, discard, previous_path, publish, save_durably, staging_path,
@@ -115,6 +117,9 @@ def _split_tensors(state_dict: dict[str, Any], optimizer_states: list[dict[str, 
 def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path) -> None:
     """Write Lightning's ``checkpoint`` (state dicts already keyed by ``shard_keys``) to ``path``; collective."""
     layout = strategy.layout
+    # What reshard_checkpoint rebuilds each rank's shards from; on every rank, before any
+    # collective, so that a module it cannot describe stops every rank alike.
+    architecture = describe_modules(strategy.lightning_module)
     # Written beside its name and swapped in once every rank is done: a crash before that
     # leaves the checkpoint already at `path` (say last.ckpt) whole.
     staging = staging_path(path)
@@ -137,7 +142,7 @@ def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path
     if strategy.is_global_zero:
         checkpoint["phantom"] = {"format": FORMAT_VERSION, "data_parallel": layout.data,
                                  "phantom_parallel": layout.phantom, "model_extra": model_extra,
-                                 "optimizer_extra": optimizer_extra}
+                                 "optimizer_extra": optimizer_extra, "architecture": architecture}
         save_durably(checkpoint, staging / META_FILE)
     strategy.barrier()
     if strategy.is_global_zero:
