@@ -49,7 +49,8 @@ from overheads import join_process_group  # noqa: E402
 from pp_vs_tp import _dense_ffn, _loader, make_optimizer, state_bytes  # noqa: E402
 
 from lightning_phantom.cost.counting import CommCounter  # noqa: E402
-from lightning_phantom.cost.model import data_axis_cost, phantom_cost, tp_cost  # noqa: E402
+from lightning_phantom.cost.data_axis import data_axis_cost  # noqa: E402
+from lightning_phantom.cost.model import phantom_cost, tp_cost  # noqa: E402
 
 DATA, MODEL = 2, 2
 SIDES = ("TP", "PP ddp", "PP fsdp")

@@ -38,8 +38,10 @@ import json
 import math
 import statistics
 import sys
+from fractions import Fraction
 
-from lightning_phantom.cost.model import data_axis_cost, phantom_cost, tp_cost
+from lightning_phantom.cost.data_axis import data_axis_cost
+from lightning_phantom.cost.model import accumulation_size, phantom_cost, tp_cost
 
 # Documented figures (vendor data sheets); MFU and powers other than TDP are assumptions.
 GPUS = {
@@ -352,9 +354,13 @@ def main(argv=None) -> None:
                   f"{100 * pp['exposed'] / pp['time']:>5.1f} {r['time_ratio']:>6.3f} | {tp['energy']:>8.2f} "
                   f"{pp['energy']:>8.2f} {r['energy_ratio']:>6.3f} | {r['flop_ratio']:>6.3f} "
                   f"{r['bytes_ratio']:>7.4f} | {tp['memory'] / 2**30:>7.2f} {pp['memory'] / 2**30:>7.2f}")
+        # A hidden layer's bytes: PP's ghosts go in e bytes and their gradients' partial sums in
+        # accumulation_size(e) (float32 under bf16); TP's sums go in e: p*k/n times (e + acc) / 2e.
+        factor = Fraction(args.element_size + accumulation_size(args.element_size), 2 * args.element_size)
         print("comm% = exposed communication / step time; J = energy of all p GPUs; time, energy, FLOPs,\n"
               "bytes: PP/TP ratios (FLOPs and bytes per rank from the cost model; a hidden layer alone:\n"
-              "1/p + p*k/n and p*k/n); GiB = parameters + gradients + optimizer state per GPU.")
+              f"1/p + p*k/n and {'' if factor == 1 else f'{float(factor):g} x '}p*k/n, the partial sums in fp32); "
+              "GiB = parameters + gradients + optimizer state per GPU.")
         print_data_axis(data_rows)
     title = (f"{gpu['name']}, MFU {args.mfu:.0%}, {args.rows} rows, k={args.ghosts}, {args.layers} hidden "
              f"layers, alpha {args.alpha_intra_us}/{args.alpha_inter_us} us"

@@ -21,7 +21,7 @@ TABLE = [(64, 4, 2), (64, 2, 1), (96, 4, 8), (128, 8, 3), (36, 3, 12), (32, 4, 8
 
 @pytest.mark.parametrize("n,p,k", TABLE)
 def test_hidden_layer_reproduces_the_table(n, p, k):
-    rows, e = 7, 2
+    rows, e = 7, 8  # the table counts values: an element size the partial sums are added in too
     cmp = compare([5, n, n, n, n, n, 3], p, k, rows, e)
     hidden = range(1, 5)  # phantom layers; TP alternates Rowwise and Colwise over them
     for layer in hidden:
@@ -36,6 +36,31 @@ def test_hidden_layer_reproduces_the_table(n, p, k):
         assert pp.sent_bytes / (rows * e) == 2 * (p - 1) * k
         assert tp.sent_bytes / (rows * e) == Fraction(2 * (p - 1) * n, p)
         assert pp.macs_bwd == 2 * pp.macs_fwd and tp.macs_bwd == 2 * tp.macs_fwd
+
+
+def test_half_precision_partial_sums_are_counted_in_float32():
+    """Under bfloat16 only the ghost all-gather sends 2-byte values; the collectives that add partial
+    sums send float32 (ops.comm.accumulation_dtype), TP's all at 2 bytes but the input gradient."""
+    from lightning_phantom.cost.model import accumulation_size
+
+    assert [accumulation_size(e) for e in (2, 4, 8)] == [4, 4, 8]
+    sizes, p, k, rows = [6, 16, 16, 16, 5], 4, 2, 3
+    pp = phantom_cost(sizes, p, k, rows, 2, input_requires_grad=True, norms={1: "layernorm"})
+    assert (pp.element_size, pp.accumulation_size, pp.input_element_size) == (2, 4, 2)
+    first, norm, hidden, _, last = pp.per_layer
+    assert first.element_sizes_bwd == (4,) and first.sent_bytes_bwd == Fraction(2 * 3 * rows * 6 * 4, 4)
+    assert norm.element_sizes_fwd == norm.element_sizes_bwd == (4,)
+    assert (hidden.element_sizes_fwd, hidden.element_sizes_bwd) == ((2,), (4,))
+    assert hidden.sent_bytes == 3 * rows * k * (2 + 4)  # all-gather of bf16 ghosts, reduce-scatter in fp32
+    assert last.element_sizes_fwd == (4,) and last.sent_bytes_fwd == Fraction(2 * 3 * rows * 5 * 4, 4)
+    assert pp.payloads(element_sizes=True)[0] == ("all_gather", rows * k, 2, "forward")
+    # Per hidden layer, PP/TP bytes are 3/2 of the table's p·k/n in values: TP sums in bfloat16.
+    n = 16
+    assert compare(sizes, p, k, rows, 2).per_layer[1].communication == Fraction(3 * p * k, 2 * n)
+    tp = tp_cost(sizes, p, rows, 2, input_requires_grad=True, input_element_size=4)
+    assert [x.element_sizes_bwd for x in tp.per_layer] == [(4,), (), (2,), ()]  # float32 data's gradient
+    assert {e for x in tp.per_layer for e in x.element_sizes_fwd} == {2}
+    assert tp.accumulation_size == 2
 
 
 def test_first_and_last_layers():
@@ -118,23 +143,30 @@ def test_validation(call, words):
 
 # --- counted against the model ----------------------------------------------------------
 
-def _phantom_step(sizes, ghosts, rows, dtype, input_requires_grad, seed=0):
+def _phantom_step(sizes, ghosts, rows, dtype, input_requires_grad, seed=0, autocast=False, layernorm=False):
+    """One forward + backward, counted; ``autocast``: under bfloat16 autocast (float32 weights and
+    input); ``layernorm``: a PhantomLayerNorm after the first layer."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from lightning_phantom.cost.counting import CommCounter, LocalFlopCounterMode
     from lightning_phantom.nn.layers import PhantomFFN
+    from lightning_phantom.nn.norms import PhantomLayerNorm
 
     torch.manual_seed(seed)
     ffn = PhantomFFN(sizes, ghosts, dtype=dtype)
+    if layernorm:
+        ffn.insert(1, PhantomLayerNorm(sizes[1], dtype=dtype))
     x = torch.randn(rows, sizes[0], dtype=dtype, requires_grad=input_requires_grad)
-    with CommCounter() as comm, FlopCounterMode(display=False) as plain, LocalFlopCounterMode() as flops:
-        ffn(x).square().sum().backward()
+    with CommCounter() as comm, FlopCounterMode(display=False) as plain, LocalFlopCounterMode() as flops, \
+            torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        ffn(x).float().square().sum().backward()
     return {
         "sent_bytes": comm.sent_bytes,
         "sent_fwd": comm.summary("forward").sent_bytes,
         "sent_bwd": comm.summary("backward").sent_bytes,
         "calls": comm.calls,
         "payloads": sorted((r.op, r.numel, r.phase) for r in comm.records),
+        "sized": sorted((r.op, r.numel, r.element_size, r.phase) for r in comm.records),
         "hidden_sent": sum(r.sent_bytes for r in comm.records if r.op in ("all_gather", "reduce_scatter")),
         "flops": flops.get_total_flops(),
         "plain_flops": plain.get_total_flops(),
@@ -157,12 +189,29 @@ def test_counted_phantom_step_equals_model(p, sizes, ghosts, dtype, input_requir
                         input_requires_grad=input_requires_grad)
     for rank, r in enumerate(run_ranks(p, _phantom_step, sizes, ghosts, rows, dtype, input_requires_grad)):
         assert r["payloads"] == cost.payloads(), f"rank {rank}"
+        assert r["sized"] == cost.payloads(element_sizes=True)
         assert r["calls"] == cost.calls
         assert r["sent_bytes"] == cost.sent_bytes
         assert (r["sent_fwd"], r["sent_bwd"]) == (cost.sent_bytes_fwd, cost.sent_bytes_bwd)
         assert r["flops"] == cost.flops, f"rank {rank}: counted {r['flops']} FLOPs, model {cost.flops}"
         # torch's FlopCounterMode has no formula for the operator's in-place addmm_ (counts 0).
         assert r["plain_flops"] <= cost.flops
+
+
+@pytest.mark.parametrize("p,autocast,dtype,layernorm", [(2, True, torch.float32, True),
+                                                      (4, False, torch.bfloat16, False)])
+def test_counted_bfloat16_step_sends_partial_sums_in_float32(p, autocast, dtype, layernorm):
+    """bf16 autocast over float32 weights and data, and bfloat16 weights and data: each call's
+    bytes per element and the totals are the model's with element_size=2 (input_element_size: the
+    data's), not 2 bytes everywhere."""
+    sizes, ghosts, rows = [6, 8, 12, 8, 5], [2, 3], 5
+    cost = phantom_cost(sizes, p, ghosts, rows, 2, input_requires_grad=True,
+                        input_element_size=dtype.itemsize, norms={1: "layernorm"} if layernorm else None)
+    assert cost.sent_bytes > phantom_cost(sizes, p, ghosts, rows, 2).sent_bytes  # what was undercounted
+    for rank, r in enumerate(run_ranks(p, _phantom_step, sizes, ghosts, rows, dtype, True, autocast=autocast,
+                                       layernorm=layernorm)):
+        assert r["sized"] == cost.payloads(element_sizes=True), f"rank {rank}"
+        assert (r["sent_fwd"], r["sent_bwd"]) == (cost.sent_bytes_fwd, cost.sent_bytes_bwd)
 
 
 @pytest.mark.parametrize("p", [2, 4])

@@ -137,7 +137,7 @@ def data_axis_bytes(mode: str) -> dict:
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_data_axis_bytes_match_the_cost_model(mode):
-    from lightning_phantom.cost.model import data_axis_cost
+    from lightning_phantom.cost.data_axis import data_axis_cost
 
     for rank in run_ranks(2, data_axis_bytes, mode):
         for got, want in zip(rank["grads"], rank["reference"]):

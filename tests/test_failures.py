@@ -26,7 +26,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.distributed.checkpoint import FileSystemReader
 
 import lightning_phantom as lp
-import lightning_phantom.nn as lpnn
 from lightning_phantom.cost.counting import CommCounter
 from lightning_phantom.strategy import PhantomLayout
 from conftest import run_ranks
@@ -442,30 +441,3 @@ def test_lost_node_reshard_to_fewer_ranks_and_continue(tmp_path, two_nodes):
         assert got["losses"][0] == pytest.approx(was["losses"][3], rel=1e-5)
         assert all(torch.isfinite(torch.tensor(got["losses"])))
 
-
-def test_reshard_four_shards_to_two_keeps_shard_keys_and_the_function():
-    """The key bookkeeping for a new group of more than one rank (in-process, no checkpoint I/O)."""
-    from lightning_phantom.strategy.reshard import _reshard_model, _shard_from_state
-
-    torch.manual_seed(0)
-    shards = [lp.PhantomFFN([6, 8, 8, 8, 4], ghosts=2, activation="tanh", shard=(r, 4)) for r in range(4)]
-    for shard in shards[1:]:  # the row-parallel bias is replicated
-        shard[-1].bias.data.copy_(shards[0][-1].bias)
-    saved = {"head.weight": torch.randn(3, 4)}  # a replicated module outside the FFN
-    for rank, shard in enumerate(shards):  # as PhantomStrategy names them in a checkpoint
-        split = {id(t) for t in lpnn.sharded_parameters(shard)}
-        for name, t in shard.named_parameters():
-            saved[f"ffn.{name}" + (f"|phantom{rank}/4" if id(t) in split else "")] = t.detach()
-
-    out, ghosts = _reshard_model(saved, 4, 2)
-    assert ghosts == {"ffn": [4, 4]}
-    assert torch.equal(out["head.weight"], saved["head.weight"]) and "ffn.6.bias" in out
-    phantom = ["weight", "bias", "compress", "decompress"]
-    split = {0: ["weight", "bias"], 2: phantom, 4: phantom, 6: ["weight"]}  # 6.bias: replicated
-    assert {k for k in out if "|phantom" in k} == {f"ffn.{layer}.{param}|phantom{rank}/2" for rank in (0, 1)
-                                                  for layer, params in split.items() for param in params}
-    rebuilt = [_shard_from_state("ffn", rank, 2, {k.split("|")[0][len("ffn."):]: v for k, v in out.items()
-                                                  if k.endswith(f"|phantom{rank}/2")}, out) for rank in (0, 1)]
-    dense_before, dense_after = lp.merge_shards(shards, 4)[0], lp.merge_shards(rebuilt, 2)[0]
-    for key, value in dense_before.state_dict().items():
-        assert torch.allclose(dense_after.state_dict()[key], value, atol=1e-6), key

@@ -32,7 +32,7 @@ def _dense(sizes, dtype) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _tp_step(sizes, rows, dtype, input_requires_grad, seed=0):
+def _tp_step(sizes, rows, dtype, input_requires_grad, seed=0, autocast=False):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
@@ -49,18 +49,22 @@ def _tp_step(sizes, rows, dtype, input_requires_grad, seed=0):
     out_weight = torch.randn(rows, sizes[-1], dtype=dtype)  # a loss whose gradient is not all ones
 
     xd = x.clone().requires_grad_(input_requires_grad)
-    yd = dense(xd)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        yd = dense(xd)
     (yd * out_weight).sum().backward()
 
     tp = parallelize_ffn(copy.deepcopy(dense), mesh)
     tp.zero_grad(set_to_none=True)
     xt = x.clone().requires_grad_(input_requires_grad)
     with CommCounter() as comm, LocalFlopCounterMode(display=False) as local_flops:
-        yt = tp(xt)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            yt = tp(xt)
         (yt * out_weight).sum().backward()
     # A second step under plain FlopCounterMode (global DTensor shapes); gradients accumulate.
     with FlopCounterMode(display=False) as global_flops:
-        (tp(x.clone().requires_grad_(input_requires_grad)) * out_weight).sum().backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            yt2 = tp(x.clone().requires_grad_(input_requires_grad))
+        (yt2 * out_weight).sum().backward()
 
     grads = {}
     for (name, pd), pt in zip(dense.named_parameters(), tp.parameters()):
@@ -75,6 +79,7 @@ def _tp_step(sizes, rows, dtype, input_requires_grad, seed=0):
         "sent_bwd": comm.summary("backward").sent_bytes,
         "calls": comm.calls,
         "payloads": sorted((r.op, r.numel, r.phase) for r in comm.records),
+        "sized": sorted((r.op, r.numel, r.element_size, r.phase) for r in comm.records),
         "apis": {r.api for r in comm.records},
         "local_flops": local_flops.get_total_flops(),
         "global_flops": global_flops.get_total_flops(),
@@ -107,6 +112,7 @@ def test_tp_ffn_matches_dense_and_cost_model(p, shape, dtype, input_requires_gra
         # Communication: exactly the model, call by call and phase by phase.
         assert r["apis"] <= {"_c10d_functional.all_reduce", "_c10d_functional.all_gather_into_tensor"}
         assert r["payloads"] == cost.payloads()
+        assert r["sized"] == cost.payloads(element_sizes=True)
         assert r["calls"] == cost.calls
         assert r["sent_bytes"] == cost.sent_bytes
         assert (r["sent_fwd"], r["sent_bwd"]) == (cost.sent_bytes_fwd, cost.sent_bytes_bwd)
@@ -114,6 +120,20 @@ def test_tp_ffn_matches_dense_and_cost_model(p, shape, dtype, input_requires_gra
         # counts DTensor matmuls at their logical shape, p times that.
         assert r["local_flops"] == cost.flops
         assert r["global_flops"] == p * cost.flops
+
+
+@pytest.mark.parametrize("shape,dtype,autocast", [("even", torch.float32, True),
+                                                  ("odd", torch.bfloat16, False)])
+def test_tp_under_bfloat16_sums_in_bfloat16_but_the_input_gradient(shape, dtype, autocast):
+    """Measured, not assumed: DTensor adds its partial sums in bfloat16 (2 bytes a value), under
+    autocast and with bfloat16 weights; only the first layer's input-gradient all-reduce sums in the
+    input's dtype (float32 data under autocast). ``tp_cost(..., 2, input_element_size=...)`` says so."""
+    sizes, rows, p = SIZES[shape], 5, 2
+    cost = tp_cost(sizes, p, rows, 2, input_requires_grad=True, input_element_size=dtype.itemsize)
+    for rank, r in enumerate(run_ranks(p, _tp_step, sizes, rows, dtype, True, autocast=autocast)):
+        assert r["out"] < 0.05 and max(r["grads"].values()) < 0.05, f"rank {rank}: {r['out']}, {r['grads']}"
+        assert r["sized"] == cost.payloads(element_sizes=True), f"rank {rank}"
+        assert r["sent_bytes"] == cost.sent_bytes
 
 
 def test_tp_bytes_grow_with_width():

@@ -1,9 +1,10 @@
 """What a step costs: the analytic model (PP and Megatron TP) and the counters that check it."""
 
 from lightning_phantom.cost.counting import CommCounter, LocalFlopCounterMode
+from lightning_phantom.cost.data_axis import DataAxisCost, data_axis_cost
 from lightning_phantom.cost.model import (
-    Comparison, DataAxisCost, LayerCost, StepCost, compare, data_axis_cost, phantom_cost, tp_cost,
+    Comparison, LayerCost, StepCost, accumulation_size, compare, phantom_cost, tp_cost,
 )
 
 __all__ = ["CommCounter", "Comparison", "DataAxisCost", "LayerCost", "LocalFlopCounterMode", "StepCost",
-           "compare", "data_axis_cost", "phantom_cost", "tp_cost"]
+           "accumulation_size", "compare", "data_axis_cost", "phantom_cost", "tp_cost"]

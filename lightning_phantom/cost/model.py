@@ -11,6 +11,18 @@ so ``CommCounter`` totals and these predictions are compared exactly, as Fractio
 The formulas are spelled out here rather than borrowed from ``counting`` so that the
 comparison checks one against the other.
 
+**Element sizes.** ``element_size`` is the bytes of the activations the layers compute in (2
+under bfloat16 or float16, autocast or half-precision weights). Not every collective sends
+them: the phantom layers add partial sums in float32 under half precision
+(``ops.comm.accumulation_dtype``), so the last layer's forward all-reduce, the ghost-gradient
+reduce-scatter, the first layer's input-gradient all-reduce and the norms' statistics send
+``accumulation_size(element_size)`` bytes per value (``StepCost.accumulation_size``); only the
+ghost all-gather sends ``element_size``. DTensor (TP) adds partial sums in the tensor's own
+dtype: counted under bfloat16 (autocast and bfloat16 weights), every collective sends 2 bytes a
+value, except the first layer's input-gradient all-reduce, which sums the gradient of the FFN's
+input in the input's dtype (``input_element_size``: 4 for float32 data under autocast).
+``StepCost.payloads(element_sizes=True)`` lists each call's bytes per element.
+
 FLOPs are 2·MACs, which is what ``torch.utils.flop_counter.FlopCounterMode`` counts for
 mm/addmm. Bias additions (rows·n_out per layer) are in neither: FlopCounterMode does
 not count them and the table of docs/operator.md §8 leaves them out.
@@ -43,10 +55,22 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Mapping, Optional, Sequence, Union
 
+import torch
+
 from lightning_phantom._checks import positive_int
 from lightning_phantom.nn.ghosts import resolve_ghosts
+from lightning_phantom.ops.comm import accumulation_dtype
 
 Collectives = tuple[tuple[str, int], ...]  # (collective kind, payload elements) per call
+Call = tuple[str, int, int]  # (collective kind, payload elements, bytes per element)
+_FLOATS = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}  # float16 adds as bfloat16 does
+
+
+def accumulation_size(element_size: int) -> int:
+    """Bytes per value of the partial sums the phantom layers' collectives add, for activations of
+    ``element_size`` bytes: float32's 4 for bfloat16/float16 (``ops.comm.accumulation_dtype``)."""
+    dtype = _FLOATS.get(element_size)
+    return element_size if dtype is None else accumulation_dtype(dtype).itemsize
 
 
 class _ForwardBackward:
@@ -90,6 +114,8 @@ class LayerCost(_ForwardBackward):
     sent_bytes_bwd: Fraction
     collectives_fwd: Collectives
     collectives_bwd: Collectives
+    element_sizes_fwd: tuple[int, ...]  # bytes per element of each call in collectives_fwd
+    element_sizes_bwd: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -100,7 +126,7 @@ class StepCost(_ForwardBackward):
     sizes: tuple[int, ...]
     group_size: int
     rows: int
-    element_size: int
+    element_size: int  # of the activations
     input_requires_grad: bool
     per_layer: tuple[LayerCost, ...]
     params: int
@@ -109,14 +135,18 @@ class StepCost(_ForwardBackward):
     sent_bytes_fwd: Fraction
     sent_bytes_bwd: Fraction
     collectives: tuple[tuple[str, int], ...]  # (kind, number of calls), sorted by kind
+    accumulation_size: int  # bytes per value of the partial sums added between ranks
+    input_element_size: int  # of the FFN's input (its gradient is all-reduced when it requires one)
 
     @classmethod
     def from_layers(cls, scheme: str, sizes, p: int, rows: int, element_size: int, input_requires_grad: bool,
-                    layers: Sequence[LayerCost]) -> "StepCost":
+                    layers: Sequence[LayerCost], accumulation_size: int,
+                    input_element_size: int) -> "StepCost":
         calls = Counter(op for layer in layers for op, _ in layer.collectives_fwd + layer.collectives_bwd)
         return cls(
             scheme=scheme, sizes=tuple(sizes), group_size=p, rows=rows, element_size=element_size,
             input_requires_grad=input_requires_grad, per_layer=tuple(layers),
+            accumulation_size=accumulation_size, input_element_size=input_element_size,
             params=sum(layer.params for layer in layers),
             macs_fwd=sum(layer.macs_fwd for layer in layers),
             macs_bwd=sum(layer.macs_bwd for layer in layers),
@@ -125,13 +155,18 @@ class StepCost(_ForwardBackward):
             collectives=tuple(sorted(calls.items())),
         )
 
-    def payloads(self) -> list[tuple[str, int, str]]:
+    def payloads(self, element_sizes: bool = False) -> list[tuple]:
         """Every collective of the step as (kind, payload elements, phase), sorted: comparable
-        with ``sorted((r.op, r.numel, r.phase) for r in CommCounter().records)``."""
-        return sorted(
-            [(op, n, "forward") for layer in self.per_layer for op, n in layer.collectives_fwd]
-            + [(op, n, "backward") for layer in self.per_layer for op, n in layer.collectives_bwd]
-        )
+        with ``sorted((r.op, r.numel, r.phase) for r in CommCounter().records)``; with
+        ``element_sizes``, (kind, payload elements, bytes per element, phase) as
+        ``(r.op, r.numel, r.element_size, r.phase)``."""
+        out = []
+        for layer in self.per_layer:
+            for phase, calls, sizes in (("forward", layer.collectives_fwd, layer.element_sizes_fwd),
+                                        ("backward", layer.collectives_bwd, layer.element_sizes_bwd)):
+                out += [(op, n, e, phase) if element_sizes else (op, n, phase)
+                        for (op, n), e in zip(calls, sizes)]
+        return sorted(out)
 
     @property
     def calls(self) -> Counter:
@@ -154,8 +189,29 @@ def _check_sizes(sizes, p: int, divisible: Sequence[int], why: str) -> list[int]
     return sizes
 
 
-def _all_reduce_bytes(p: int, numel: int, e: int) -> Fraction:
-    return Fraction(2 * (p - 1) * numel * e, p)
+def ring_bytes(op: str, p: int, payload_bytes: int) -> Fraction:
+    """Bytes one rank sends for one call, by the ring convention of the module docstring."""
+    if op == "all_gather":
+        return Fraction((p - 1) * payload_bytes)
+    if op == "reduce_scatter":
+        return Fraction((p - 1) * payload_bytes, p)
+    return Fraction(2 * (p - 1) * payload_bytes, p)  # all_reduce
+
+
+def _layer(kind: str, n_in: int, n_out: int, ghosts: int, params: int, macs_fwd: int, macs_bwd: int, p: int,
+           fwd: Sequence[Call] = (), bwd: Sequence[Call] = ()) -> LayerCost:
+    """A LayerCost from its calls forward and backward, each (kind, payload elements, bytes per element)."""
+    def sent(calls: Sequence[Call]) -> Fraction:
+        return sum((ring_bytes(op, p, n * e) for op, n, e in calls), Fraction(0))
+
+    return LayerCost(kind, n_in, n_out, ghosts, params, macs_fwd, macs_bwd, sent(fwd), sent(bwd),
+                     tuple((op, n) for op, n, _ in fwd), tuple((op, n) for op, n, _ in bwd),
+                     tuple(e for *_, e in fwd), tuple(e for *_, e in bwd))
+
+
+def _sizes(element_size: int, input_element_size: Optional[int]) -> tuple[int, int]:
+    e = positive_int("element_size", element_size, 1)
+    return e, e if input_element_size is None else positive_int("input_element_size", input_element_size, 1)
 
 
 #: Row statistics each sharded norm all-reduces per row (forward, and again backward), and
@@ -168,33 +224,35 @@ def norm_cost(kind: str, features: int, p: int, rows: int, element_size: int = 4
     """Per-rank cost of a sharded norm over ``features`` (lightning_phantom.nn.norms), one step.
 
     LayerNorm/RMSNorm all-reduce 2/1 partial sums per row forward, and the same backward
-    (``reduce_statistics``); BatchNorm1d is per feature and sends nothing. Their arithmetic
-    is element-wise, no multiply-add of a matrix product: 0 MACs, as FlopCounterMode counts.
+    (``reduce_statistics``), in float32 or wider (``accumulation_size``); BatchNorm1d is per
+    feature and sends nothing. Their arithmetic is element-wise, no multiply-add of a matrix
+    product: 0 MACs, as FlopCounterMode counts.
     """
     if kind not in NORM_STATISTICS:
         raise ValueError(f"norm kind must be one of {sorted(NORM_STATISTICS)}, got {kind!r}")
-    c = features // p
     stats = rows * NORM_STATISTICS[kind]
-    calls = (("all_reduce", stats),) if p > 1 and stats else ()
-    sent = _all_reduce_bytes(p, stats, element_size) if calls else Fraction(0)
-    return LayerCost(kind, features, features, 0, params=NORM_PARAMS[kind] * c, macs_fwd=0, macs_bwd=0,
-                     sent_bytes_fwd=sent, sent_bytes_bwd=sent, collectives_fwd=calls, collectives_bwd=calls)
+    calls = [("all_reduce", stats, accumulation_size(element_size))] if p > 1 and stats else []
+    return _layer(kind, features, features, 0, NORM_PARAMS[kind] * (features // p), 0, 0, p, calls, calls)
 
 
 def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]], rows: int,
                  element_size: int = 4, *, input_requires_grad: bool = False,
-                 norms: Optional[Mapping[int, str]] = None) -> StepCost:
+                 norms: Optional[Mapping[int, str]] = None,
+                 input_element_size: Optional[int] = None) -> StepCost:
     """Per-rank cost of one step of ``PhantomFFN(sizes, ghosts)`` on a phantom group of ``p``.
 
     With p = 1 every layer is a plain Linear (``PhantomLinear`` has no compressor then)
     and nothing is communicated; with L = 2 Linear layers there is no phantom layer and
     the model is a Megatron column/row pair. ``norms`` maps a hidden width's index i
     (1 <= i < L, the output of Linear i-1) to the kind of norm after it ("layernorm",
-    "rmsnorm", "batchnorm"; see ``norm_cost``).
+    "rmsnorm", "batchnorm"; see ``norm_cost``). ``element_size``: bytes of the activations;
+    the partial sums go in ``accumulation_size`` of it, the input gradient's in that of
+    ``input_element_size`` (default ``element_size``): see "Element sizes" in the module docstring.
     """
     p = positive_int("p", p, 1)
     rows = positive_int("rows", rows, 1)
-    e = positive_int("element_size", element_size, 1)
+    e, e_in = _sizes(element_size, input_element_size)
+    acc = accumulation_size(e)
     sizes = list(sizes)
     sizes = _check_sizes(sizes, p, range(1, len(sizes) - 1),
                          "every hidden width is split into n/p neurons per rank")
@@ -209,22 +267,16 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
     # the input gradient is an all-reduce of the ranks' partial gradients.
     d_in, c = sizes[0], sizes[1] // p
     fwd = rows * c * d_in
-    grad_in = comm and input_requires_grad
-    layers.append(LayerCost(
-        "column", d_in, sizes[1], 0, params=c * d_in + c, macs_fwd=fwd,
-        macs_bwd=fwd * (2 if input_requires_grad else 1),
-        sent_bytes_fwd=Fraction(0),
-        sent_bytes_bwd=_all_reduce_bytes(p, rows * d_in, e) if grad_in else Fraction(0),
-        collectives_fwd=(), collectives_bwd=(("all_reduce", rows * d_in),) if grad_in else (),
-    ))
+    grad_in = [("all_reduce", rows * d_in, accumulation_size(e_in))] if comm and input_requires_grad else []
+    layers.append(_layer("column", d_in, sizes[1], 0, c * d_in + c, fwd,
+                         fwd * (2 if input_requires_grad else 1), p, bwd=grad_in))
 
     # Hidden phantom layers (docs/operator.md §2–§4).
     for layer, k in enumerate(per_layer_ghosts, start=1):
         n_in, n_out = sizes[layer], sizes[layer + 1]
         a, c = n_in // p, n_out // p
         if not comm:
-            layers.append(LayerCost("phantom", n_in, n_out, k, c * a + c, rows * c * a, 2 * rows * c * a,
-                                    Fraction(0), Fraction(0), (), ()))
+            layers.append(_layer("phantom", n_in, n_out, k, c * a + c, rows * c * a, 2 * rows * c * a, p))
             continue
         # Parameters (§2): L_i (c×a) + b_i (c) + C_i (k×a) + D_ij for j≠i ((p-1) × c×k).
         params = c * a + c + k * a + c * (p - 1) * k
@@ -232,42 +284,35 @@ def phantom_cost(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]
         # p-1 decompressions G_j D_ijᵀ (k·c) per row.
         fwd = rows * (c * a + k * a + (p - 1) * k * c)
         # Forward 2 (§3): all_gather of B×k ghosts; Backward 2 (§4): reduce_scatter of
-        # the p×B×k buffer. Each sends (p-1)·B·k values, 2·(p-1)·k per row in all (§8).
-        sent = Fraction((p - 1) * rows * k * e)
-        layers.append(LayerCost(
-            "phantom", n_in, n_out, k, params=params, macs_fwd=fwd, macs_bwd=2 * fwd,  # §8
-            sent_bytes_fwd=sent, sent_bytes_bwd=sent,
-            collectives_fwd=(("all_gather", rows * k),), collectives_bwd=(("reduce_scatter", p * rows * k),),
-        ))
+        # the p×B×k buffer (partial sums: in acc). Each sends (p-1)·B·k values, 2·(p-1)·k
+        # per row in all (§8).
+        layers.append(_layer("phantom", n_in, n_out, k, params, fwd, 2 * fwd, p,  # §8
+                             fwd=[("all_gather", rows * k, e)], bwd=[("reduce_scatter", p * rows * k, acc)]))
 
     # Last layer (§5, row-parallel): Y = all_reduce(Σ_i X_i W_out,iᵀ) + b_out with b_out
-    # replicated; backward is the identity, so no collective.
+    # replicated (the partial sums in acc); backward is the identity, so no collective.
     a, d_out = sizes[-2] // p, sizes[-1]
     fwd = rows * d_out * a
-    layers.append(LayerCost(
-        "row", sizes[-2], d_out, 0, params=d_out * a + d_out, macs_fwd=fwd, macs_bwd=2 * fwd,
-        sent_bytes_fwd=_all_reduce_bytes(p, rows * d_out, e) if comm else Fraction(0),
-        sent_bytes_bwd=Fraction(0),
-        collectives_fwd=(("all_reduce", rows * d_out),) if comm else (), collectives_bwd=(),
-    ))
+    layers.append(_layer("row", sizes[-2], d_out, 0, d_out * a + d_out, fwd, 2 * fwd, p,
+                         fwd=[("all_reduce", rows * d_out, acc)] if comm else []))
     for width in sorted(norms or {}, reverse=True):  # after Linear width-1, before Linear width
         if not 1 <= width < len(sizes) - 1:
             raise ValueError(f"norms keys are hidden-width indices 1..{len(sizes) - 2}, got {width!r}")
         layers.insert(width, norm_cost(norms[width], sizes[width], p, rows, e))
-    return StepCost.from_layers("phantom", sizes, p, rows, e, input_requires_grad, layers)
+    return StepCost.from_layers("phantom", sizes, p, rows, e, input_requires_grad, layers, acc, e_in)
 
 
 def tp_cost(sizes: Sequence[int], p: int, rows: int, element_size: int = 4, *,
-            input_requires_grad: bool = False) -> StepCost:
+            input_requires_grad: bool = False, input_element_size: Optional[int] = None) -> StepCost:
     """Per-rank cost of one step of ``parallelize_ffn`` (DTensor Colwise/Rowwise) on ``p`` ranks.
 
     Layers alternate ColwiseParallel / RowwiseParallel starting with Colwise; with an odd
     number of layers the last is Colwise with its output gathered to Replicate. See the
-    module docstring for how this was checked against DTensor.
+    module docstring for how this was checked against DTensor, and for ``input_element_size``.
     """
     p = positive_int("p", p, 1)
     rows = positive_int("rows", rows, 1)
-    e = positive_int("element_size", element_size, 1)
+    e, e_in = _sizes(element_size, input_element_size)
     sizes = list(sizes)
     n_layers = len(sizes) - 1
     # Colwise layers shard their outputs, Rowwise their inputs: every hidden width is
@@ -281,25 +326,17 @@ def tp_cost(sizes: Sequence[int], p: int, rows: int, element_size: int = 4, *,
         if i % 2 == 0:  # ColwiseParallel: rank holds n_out/p rows of W and of the bias.
             fwd = rows * (n_out // p) * n_in
             grad_in = i > 0 or input_requires_grad
-            bwd_ar = comm and grad_in
             gather = i == n_layers - 1  # odd count: output_layouts=Replicate()
-            layers.append(LayerCost(
-                "colwise_gather" if gather else "colwise", n_in, n_out, 0,
-                params=(n_out // p) * n_in + n_out // p, macs_fwd=fwd, macs_bwd=fwd * (2 if grad_in else 1),
-                sent_bytes_fwd=Fraction((p - 1) * rows * (n_out // p) * e if gather and comm else 0),
-                sent_bytes_bwd=_all_reduce_bytes(p, rows * n_in, e) if bwd_ar else Fraction(0),
-                collectives_fwd=(("all_gather", rows * (n_out // p)),) if gather and comm else (),
-                collectives_bwd=(("all_reduce", rows * n_in),) if bwd_ar else (),
-            ))
+            layers.append(_layer(
+                "colwise_gather" if gather else "colwise", n_in, n_out, 0, (n_out // p) * n_in + n_out // p,
+                fwd, fwd * (2 if grad_in else 1), p,
+                fwd=[("all_gather", rows * (n_out // p), e)] if gather and comm else [],
+                bwd=[("all_reduce", rows * n_in, e if i else e_in)] if comm and grad_in else []))
         else:  # RowwiseParallel: rank holds n_in/p columns of W; bias replicated.
             fwd = rows * n_out * (n_in // p)
-            layers.append(LayerCost(
-                "rowwise", n_in, n_out, 0, params=n_out * (n_in // p) + n_out, macs_fwd=fwd, macs_bwd=2 * fwd,
-                sent_bytes_fwd=_all_reduce_bytes(p, rows * n_out, e) if comm else Fraction(0),
-                sent_bytes_bwd=Fraction(0),
-                collectives_fwd=(("all_reduce", rows * n_out),) if comm else (), collectives_bwd=(),
-            ))
-    return StepCost.from_layers("tensor", sizes, p, rows, e, input_requires_grad, layers)
+            layers.append(_layer("rowwise", n_in, n_out, 0, n_out * (n_in // p) + n_out, fwd, 2 * fwd, p,
+                                 fwd=[("all_reduce", rows * n_out, e)] if comm else []))
+    return StepCost.from_layers("tensor", sizes, p, rows, e, input_requires_grad, layers, e, e_in)
 
 
 def _ratio(num, den) -> Optional[Fraction]:
@@ -373,12 +410,11 @@ def _human_bytes(n: Fraction) -> str:
 
 
 def compare(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]], rows: int, element_size: int = 4,
-            *, input_requires_grad: bool = False) -> Comparison:
+            *, input_requires_grad: bool = False, input_element_size: Optional[int] = None) -> Comparison:
     """PP/TP comparison of the same FFN; see ``Comparison``."""
-    return Comparison(
-        phantom_cost(sizes, p, ghosts, rows, element_size, input_requires_grad=input_requires_grad),
-        tp_cost(sizes, p, rows, element_size, input_requires_grad=input_requires_grad),
-    )
+    kw = {"input_requires_grad": input_requires_grad, "input_element_size": input_element_size}
+    return Comparison(phantom_cost(sizes, p, ghosts, rows, element_size, **kw),
+                      tp_cost(sizes, p, rows, element_size, **kw))
 
 
 def summary(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]) -> str:
@@ -390,39 +426,3 @@ def summary(sizes: Sequence[int], p: int, ghosts: Union[int, Sequence[int]]) -> 
         return (f"params/rank {pp.params:,}, sent/rank/row {float(pp.sent_bytes):.4g} B "
                 f"(no TP comparison: {e})")
 
-
-@dataclass(frozen=True)
-class DataAxisCost:
-    """One rank's data-axis traffic per optimizer step and its parameter + gradient + Adam bytes.
-
-    ``params``: elements of this rank's phantom shard (what one replica of it holds whole).
-    """
-
-    mode: str
-    sent_bytes: Fraction
-    calls: Collectives
-    state_bytes: Fraction
-
-
-def data_axis_cost(params: int, data: int, mode: str = "ddp", element_size: int = 4,
-                   optimizer_states: int = 2) -> DataAxisCost:
-    """The data axis of ``PhantomStrategy(data_parallel=mode)`` over ``data`` replicas.
-
-    ``"ddp"``: one all-reduce of every gradient, 2(d-1)/d·N·e sent; each rank holds N
-    parameters, N gradients and ``optimizer_states``·N (Adam: 2). ``"fsdp"`` (FSDP2, re-sharding
-    after forward): an all-gather of the parameters before forward and again before backward,
-    (d-1)/d·N·e each, and a reduce-scatter of the gradients, (d-1)/d·N·e: 3(d-1)/d·N·e, 1.5× DDP's
-    bytes; each rank holds 1/d of everything (plus one FFN's full parameters and gradients while
-    it runs).
-    """
-    data, e = positive_int("data", data), positive_int("element_size", element_size)
-    params = positive_int("params", params)
-    whole = Fraction((2 + optimizer_states) * params * e)
-    if mode == "ddp":
-        calls = (("all_reduce", params),) if data > 1 else ()
-        return DataAxisCost(mode, _all_reduce_bytes(data, params, e), calls, whole)
-    if mode == "fsdp":
-        calls = (("all_gather", params // data), ("all_gather", params // data),
-                 ("reduce_scatter", params)) if data > 1 else ()
-        return DataAxisCost(mode, Fraction(3 * (data - 1) * params * e, data), calls, whole / data)
-    raise ValueError(f"mode must be 'ddp' or 'fsdp', got {mode!r}")

@@ -6,8 +6,9 @@ carries its phantom rank and group size (``model::net.2.compress|phantom1/2``): 
 collide, and the data-parallel replicas of a shard, identical under one key, are written
 once. Optimizer state is keyed the same way (``optimizer_0::net.2.compress|phantom1/2::exp_avg``).
 What is not a tensor goes to ``meta.pt`` (read with ``weights_only=True``) under
-``"phantom"``, with the format version, the layout, the non-tensor entries and every rank's
-torch RNG states (``rng_states``, restored on load). Writing goes
+``"phantom"``, with the format version, the layout, the non-tensor entries, every rank's
+torch RNG states (``rng``, restored on load) and a record of each phantom module's structure
+(``nn.architecture``, for ``reshard_checkpoint``). Writing goes
 through ``storage`` (staging directory, atomic publish).
 """
 
@@ -28,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_phantom.nn.architecture import describe_modules
 from lightning_phantom.nn.layers import sharded_buffers, sharded_parameters
 from lightning_phantom.strategy.agreement import agree
 from lightning_phantom.strategy.storage import (
@@ -122,6 +124,9 @@ def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path
     with the same error at once, and the checkpoint already at ``path`` stays whole.
     """
     layout, device, zero = strategy.layout, strategy.root_device, strategy.is_global_zero
+    # What reshard_checkpoint rebuilds each rank's shards from; on every rank, before any
+    # collective, so that a module it cannot describe stops every rank alike.
+    architecture = describe_modules(strategy.lightning_module)
     # Written beside its name and swapped in once every rank is done: a crash before that
     # leaves the checkpoint already at `path` (say last.ckpt) whole.
     staging = staging_path(path)
@@ -143,7 +148,7 @@ def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path
     if zero:
         checkpoint["phantom"] = {"format": FORMAT_VERSION, "data_parallel": layout.data,
                                  "phantom_parallel": layout.phantom, "model_extra": model_extra,
-                                 "optimizer_extra": optimizer_extra, "rng": rng}
+                                 "optimizer_extra": optimizer_extra, "rng": rng, "architecture": architecture}
     agree(f"Writing {str(staging / META_FILE)!r}", lambda: save_durably(checkpoint, staging / META_FILE), device, zero)
     agree(f"Publishing the checkpoint at {str(path)!r}", lambda: publish(staging, path), device, zero)
 

@@ -3,13 +3,17 @@
 ``reshard_checkpoint`` turns a checkpoint of phantom groups of p ranks into one for p/m
 ranks with ``merge_shards``: the model computes exactly the same function, so a job that
 lost a node continues on the ranks it has left.
+
+The state-dict keys cannot say which layer of a phantom module is a norm, a dropout or a
+nested block, so each old rank's shard is rebuilt from the module's record in ``meta.pt``
+(``lightning_phantom.nn.architecture``, written by every save), its tensors are assigned from
+the checkpoint, and the merged shards are written with their own record.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Union
 
@@ -17,29 +21,31 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
+from lightning_phantom.nn import architecture
 from lightning_phantom.nn.convert import merge_shards
-from lightning_phantom.nn.layers import (
-    ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, sharded_parameters,
+from lightning_phantom.strategy.checkpoints import META_FILE, parse_shard_key, read_meta, shard_keys
+from lightning_phantom.strategy.storage import (
+    SafeFileSystemReader, discard, publish, save_durably, staging_path,
 )
-from lightning_phantom.strategy.checkpoints import META_FILE, parse_shard_key, read_meta, shard_key
-from lightning_phantom.strategy.storage import SafeFileSystemReader, discard, publish, save_durably, staging_path
 
 PathLike = Union[str, os.PathLike]
 
 
-def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, list[int]]:
+def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, Any]:
     """Write ``dst``: the checkpoint ``src`` of phantom groups of p ranks, re-sharded for p/``merge``.
 
-    Every ``PhantomFFN`` is merged exactly with ``merge_shards`` (rank r of the new group holds
-    old ranks r·merge … r·merge+merge−1; its ghosts become merge·k), so right after loading
-    the model computes the same outputs as when ``src`` was saved. Replicated tensors, the
-    loop and scheduler state, the step and the epoch are kept: ``Trainer.fit(ckpt_path=dst)``
-    with ``PhantomStrategy(phantom_parallel_size=p/merge, ghosts=<returned value>)`` continues
-    the run. Optimizer state (momentum, Adam's moments) has no exact re-sharding — a merged
-    block's history is not a function of its parts' — and is dropped: the optimizer restarts.
+    Every phantom module (a ``PhantomFFN``: with norms, dropout and nested blocks) is merged
+    exactly with ``merge_shards`` (rank r of the new group holds old ranks r·merge …
+    r·merge+merge−1; its ghosts become merge·k), so right after loading the model computes the
+    same outputs as when ``src`` was saved. Replicated tensors, the loop and scheduler state, the
+    step and the epoch are kept: ``Trainer.fit(ckpt_path=dst)`` with
+    ``PhantomStrategy(phantom_parallel_size=p/merge, ghosts=<returned value>)`` continues the
+    run. Optimizer state (momentum, Adam's moments) has no exact re-sharding — a merged block's
+    history is not a function of its parts' — and is dropped: the optimizer restarts.
 
-    Run it on one process (it uses no process group). Returns the ghosts per phantom layer
-    of each FFN in ``dst``, by module name (to pass as ``ghosts=``; irrelevant when p/merge = 1).
+    Run it on one process (it uses no process group). Returns the ghosts of each phantom module
+    in ``dst``, by module name (for a PhantomFFN, one per phantom layer: pass them as ``ghosts=``;
+    irrelevant when p/merge = 1).
     """
 
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -47,12 +53,18 @@ def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, li
     src, dst = Path(src), Path(dst)
     meta, info = read_meta(src)
     if dst.exists():
-        raise FileExistsError(f"{str(dst)!r} exists; reshard_checkpoint writes a new checkpoint, choose another "
-                              "path or remove it.")
+        raise FileExistsError(f"{str(dst)!r} exists; reshard_checkpoint writes a new checkpoint, choose "
+                              "another path or remove it.")
     p = info["phantom_parallel"]
     if isinstance(merge, bool) or not isinstance(merge, int) or merge < 1 or p % merge:
-        raise ValueError(f"{str(src)!r} holds phantom groups of {p} ranks; merge must be a positive divisor of "
-                         f"{p} (new group size p/merge), got merge={merge!r}.")
+        raise ValueError(f"{str(src)!r} holds phantom groups of {p} ranks; merge must be a positive divisor "
+                         f"of {p} (new group size p/merge), got merge={merge!r}.")
+    records = info.get("architecture")
+    if records is None:
+        raise ValueError(f"{str(src)!r} has no record of its phantom modules' structure (written by an "
+                         "earlier version of lightning-phantom), so its shards cannot be rebuilt to merge "
+                         f"them. Resume it on phantom groups of {p} and save it again, or export it with "
+                         "lightning_phantom.to_dense.")
 
     stored = SafeFileSystemReader(src).read_metadata().state_dict_metadata
     state = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in stored.items()
@@ -62,11 +74,10 @@ def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, li
         dcp.load(state, storage_reader=SafeFileSystemReader(src), no_dist=True)
 
     model = {k[len("model::"):]: v for k, v in state.items()}
-    out, ghosts = _reshard_model(model, p, merge)
-    new_p = p // merge
-    info = {**info, "phantom_parallel": new_p, "optimizer_extra": [],
-                       "model_extra": {k: v for k, v in info["model_extra"].items() if "|phantom" not in k},
-                       "resharded": {"from_phantom_parallel": p, "merge": merge}}
+    out, new_records, ghosts = reshard_tensors(model, records, p, merge)
+    info = {**info, "phantom_parallel": p // merge, "optimizer_extra": [], "architecture": new_records,
+            "model_extra": {k: v for k, v in info["model_extra"].items() if "|phantom" not in k},
+            "resharded": {"from_phantom_parallel": p, "merge": merge}}
 
     staging = staging_path(dst)
     discard(staging)
@@ -80,82 +91,49 @@ def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, li
     return ghosts
 
 
-def _reshard_model(model: dict[str, Tensor], p: int, merge: int) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
-    """Model tensors by (shard-tagged) name → the same for groups of p/merge, and the new ghosts per FFN."""
-    by_ffn: dict[str, dict[int, dict[str, Tensor]]] = defaultdict(lambda: defaultdict(dict))
-    out: dict[str, Tensor] = {}
-    for key, value in model.items():
+def reshard_tensors(model: dict[str, Tensor], records: dict[str, dict], p: int, merge: int
+                    ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, Any]]:
+    """Model tensors by checkpoint key (shards tagged ``|phantom<rank>/<p>``) → the same for groups of
+    p/``merge``; also the new records and the ghosts of each module (see ``reshard_checkpoint``)."""
+    for key in model:
         tagged = parse_shard_key(key)
-        if tagged is None:
-            out[key] = value  # replicated: unchanged (the FFNs' output biases are picked up below)
-            continue
-        name, rank, size = tagged
-        if size != p:
-            raise ValueError(f"checkpoint key {key!r} is a shard of a group of {size}, but the checkpoint "
-                             f"says its phantom groups have {p} ranks")
-        prefix, layer, param = _split_name(name)
-        by_ffn[prefix][rank][f"{layer}.{param}"] = value
-
-    new_p, ghosts = p // merge, {}
-    for prefix, per_rank in by_ffn.items():
-        if sorted(per_rank) != list(range(p)):
-            raise ValueError(f"{prefix}: the checkpoint holds the shards of ranks {sorted(per_rank)}, not of all "
-                             f"{p}; it cannot be re-sharded.")
-        shards = [_shard_from_state(prefix, rank, p, per_rank[rank], model) for rank in range(p)]
-        merged = merge_shards(shards, merge)
-        ghosts[prefix] = merged[0].ghosts
+        if tagged is not None and tagged[2] != p:
+            raise ValueError(f"checkpoint key {key!r} is a shard of a group of {tagged[2]}, but the "
+                             f"checkpoint says its phantom groups have {p} ranks")
+    shards = {name: [_load_shard(name, record, rank, p, model) for rank in range(p)]
+              for name, record in records.items()}
+    consumed = {f"{name}.{key}" for name, per_rank in shards.items()
+                for rank, shard in enumerate(per_rank) for key in shard_keys(shard, rank, p).values()}
+    unknown = sorted(k for k in model if parse_shard_key(k) is not None and k not in consumed)
+    if unknown:
+        raise ValueError(f"checkpoint keys {_some(unknown)} are shards of a module that is not a recorded "
+                         f"phantom module (recorded: {sorted(records)}); it cannot be re-sharded.")
+    # Replicated tensors stay as they are (a merged module's own are rewritten with the same values).
+    out = {k: v for k, v in model.items() if k not in consumed}
+    new_records, ghosts = {}, {}
+    for name, per_rank in shards.items():
+        merged = merge_shards(per_rank, merge)
         for rank, shard in enumerate(merged):
-            sharded = {id(t) for t in sharded_parameters(shard)}
-            for name, param in shard.named_parameters():
-                key = f"{prefix}.{name}"
-                out[shard_key(key, rank, new_p) if id(param) in sharded else key] = param.detach().clone()
-    return out, ghosts
+            keys = shard_keys(shard, rank, p // merge)
+            for key, value in shard.state_dict().items():
+                out[f"{name}.{keys.get(key, key)}"] = value.detach().clone()
+        new_records[name] = architecture.describe(merged[0])
+        ghosts[name] = getattr(merged[0], "ghosts", None)
+    return out, new_records, ghosts
 
 
-def _split_name(name: str) -> tuple[str, int, str]:
-    """``"encoder.ffn.2.compress"`` → (``"encoder.ffn"``, 2, ``"compress"``)."""
-    parts = name.split(".")
-    if len(parts) < 3 or not parts[-2].isdigit():
-        raise ValueError(f"checkpoint key {name!r} is sharded but not a layer of a PhantomFFN "
-                         "(<ffn name>.<layer index>.<parameter>); reshard_checkpoint handles PhantomFFNs only.")
-    return ".".join(parts[:-2]), int(parts[-2]), parts[-1]
+def _load_shard(name: str, record: dict, rank: int, p: int, model: dict[str, Tensor]) -> nn.Module:
+    """Old rank ``rank``'s shard of module ``name``, rebuilt from its record and the checkpoint's tensors."""
+    shard = architecture.build(record, (rank, p))
+    tagged = shard_keys(shard, rank, p)
+    keys = {k: f"{name}.{tagged.get(k, k)}" for k in shard.state_dict()}
+    missing = sorted(key for key in keys.values() if key not in model)
+    if missing:
+        raise ValueError(f"{name}: the checkpoint lacks {_some(missing)}, which its recorded structure "
+                         f"({record['kind']}) has; it cannot be re-sharded.")
+    shard.load_state_dict({k: model[key] for k, key in keys.items()}, assign=True)
+    return shard
 
 
-def _shard_from_state(prefix: str, rank: int, p: int, tensors: dict[str, Tensor],
-                      model: dict[str, Tensor]) -> PhantomFFN:
-    """Rank ``rank``'s PhantomFFN, rebuilt from its tensors (activations, which hold none, as Identity)."""
-    layers = sorted({int(k.split(".")[0]) for k in tensors})
-    first, last = layers[0], layers[-1]
-    built: list[nn.Module] = []
-    for idx in range(last + 1):
-        if idx not in layers:
-            built.append(nn.Identity())  # an element-wise layer: no parameters, nothing to merge
-            continue
-        weight, bias = tensors[f"{idx}.weight"], tensors.get(f"{idx}.bias")
-        kw: dict[str, Any] = {"shard": (rank, p), "device": "meta", "dtype": weight.dtype}
-        if f"{idx}.compress" in tensors:
-            compress = tensors[f"{idx}.compress"]
-            layer = PhantomLinear(weight.shape[1] * p, weight.shape[0] * p, compress.shape[0],
-                                  bias=bias is not None, **kw)
-            values = {"weight": weight, "bias": bias, "compress": compress,
-                      "decompress": tensors[f"{idx}.decompress"]}
-        elif idx == first:
-            layer = ColumnParallelLinear(weight.shape[1], weight.shape[0] * p, bias=bias is not None, **kw)
-            values = {"weight": weight, "bias": bias}
-        elif idx == last:
-            bias = model.get(f"{prefix}.{idx}.bias")  # replicated: stored once, untagged
-            layer = RowParallelLinear(weight.shape[1] * p, weight.shape[0], bias=bias is not None, **kw)
-            values = {"weight": weight, "bias": bias}
-        else:
-            raise ValueError(f"{prefix}.{idx} is a sharded layer that is neither the first, the last nor a phantom "
-                             "layer (no compressor); reshard_checkpoint handles PhantomFFNs only.")
-        layer = layer.to_empty(device="cpu")
-        with torch.no_grad():
-            for name, value in values.items():
-                if value is not None:
-                    getattr(layer, name).copy_(value)
-        built.append(layer)
-    if len([m for m in built if not isinstance(m, nn.Identity)]) < 3:
-        raise ValueError(f"{prefix}: found {len(layers)} sharded layers; a PhantomFFN has at least 3.")
-    return PhantomFFN.from_layers(built)
-
+def _some(keys: list[str]) -> str:
+    return f"{keys[:4]}{' …' if len(keys) > 4 else ''}"
