@@ -6,13 +6,18 @@
   (docs/operator.md §7); m = p gives the dense model.
 * ``gather_shards`` / ``to_dense``: collect a group's shards on every rank and rebuild the
   dense module, for serving on one device.
+
+Other phantom modules (transformer stacks, ``nn/convert_transformer.py``) register a
+``PhantomKind``; the four functions above hand such modules to it, so one ``to_phantom``,
+``merge_shards``, ``gather_shards`` and ``to_dense`` serve every kind.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +30,31 @@ from lightning_phantom.nn.layers import (
 )
 from lightning_phantom.nn.dropout import ShardedDropout
 from lightning_phantom.nn.norms import PHANTOM_NORMS, PhantomNorm, merge_norms, norm_refusal, shard_norm
+
+
+@dataclass(frozen=True)
+class PhantomKind:
+    """A phantom module besides ``PhantomFFN``: which dense modules it converts, and how it is converted,
+    gathered, merged and turned back into its dense form (the signatures of this module's functions)."""
+
+    phantom: type[nn.Module]
+    converts: Callable[[nn.Module], bool]  # is this dense module one of its kind?
+    to_phantom: Callable[..., nn.Module]  # (dense, ghosts, group, init, overlap)
+    gather: Callable[[nn.Module], list]
+    merge: Callable[[Sequence[nn.Module], int], list]
+    to_dense: Callable[[nn.Module], nn.Module]
+
+
+PHANTOM_KINDS: list[PhantomKind] = []
+
+
+def register_phantom_kind(kind: PhantomKind) -> PhantomKind:
+    PHANTOM_KINDS.append(kind)
+    return kind
+
+
+def _kind_of(module: nn.Module) -> Optional[PhantomKind]:
+    return next((k for k in PHANTOM_KINDS if isinstance(module, k.phantom)), None)
 
 
 def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
@@ -161,6 +191,9 @@ def to_phantom(module: nn.Sequential, ghosts, group=None, init: str = "svd", ove
     initialises fresh, matched in variance to the dense layers.
     The dense module must hold the same weights on every rank of the group.
     """
+    other = next((k for k in PHANTOM_KINDS if k.converts(module)), None)
+    if other is not None:
+        return other.to_phantom(module, ghosts, group, init, overlap)
     linears = ffn_linears(module)
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
@@ -226,16 +259,12 @@ def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
     suffices: no pickling, and it works on NCCL as on gloo. The returned shards carry
     (rank, size) but no process group: they are for merging, not for running.
     """
+    if _kind_of(ffn) is not None:
+        return _kind_of(ffn).gather(ffn)
     info = ffn.shard
     if info.size == 1:
         return [ffn]
-    state = ffn.state_dict()
-    gathered = {}
-    for name, t in state.items():
-        t = t.full_tensor() if isinstance(t, DTensor) else t  # sharded over the replicas by FSDP
-        out = t.new_empty(info.size * t.numel())
-        all_gather_into(out, t.detach().reshape(-1), info.group)
-        gathered[name] = out.view(info.size, *t.shape)
+    gathered = gather_state(ffn, info)
     shards = []
     for rank in range(info.size):
         shard_info = GroupInfo(None, rank, info.size)
@@ -249,6 +278,18 @@ def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
         shard.load_state_dict({name: t[rank] for name, t in gathered.items()})
         shards.append(shard)
     return shards
+
+
+def gather_state(module: nn.Module, info: GroupInfo) -> dict[str, Tensor]:
+    """Every rank's state-dict tensors, stacked (p × shape), on every rank: all shards have the same shapes,
+    so one all-gather per tensor suffices (no pickling; NCCL as gloo)."""
+    gathered = {}
+    for name, t in module.state_dict().items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t  # sharded over the replicas by FSDP
+        out = t.new_empty(info.size * t.numel())
+        all_gather_into(out, t.detach().reshape(-1), info.group)
+        gathered[name] = out.view(info.size, *t.shape)
+    return gathered
 
 
 def _merge_phantom(parts: Sequence[PhantomLinear], r: int, m: int, info: GroupInfo) -> PhantomLinear:
@@ -287,13 +328,10 @@ def merge_shards(shards: Sequence[PhantomFFN], m: int) -> list[PhantomFFN]:
     rank's checkpoint). The result's shard r is for rank r of a group of p/m; ``m = p``
     gives one shard that is the dense model.
     """
+    check_merge(shards, m)
+    if _kind_of(shards[0]) is not None:
+        return _kind_of(shards[0]).merge(shards, m)
     p = len(shards)
-    if not isinstance(m, int) or m < 1 or p % m:
-        raise ValueError(f"can merge {p} shards only by a factor m that divides {p}, got m={m!r}")
-    ranks = [s.shard for s in shards]
-    if [(g.rank, g.size) for g in ranks] != [(i, p) for i in range(p)]:
-        raise ValueError("merge_shards needs the shards of every rank in rank order; got (rank, size) = "
-                         f"{[(g.rank, g.size) for g in ranks]}")
     merged = []
     for r in range(p // m):
         info = GroupInfo(None, r, p // m)
@@ -320,6 +358,17 @@ def merge_shards(shards: Sequence[PhantomFFN], m: int) -> list[PhantomFFN]:
     return merged
 
 
+def check_merge(shards: Sequence[nn.Module], m: int) -> None:
+    """``shards`` are the p shards of one model in rank order, and ``m`` divides p."""
+    p = len(shards)
+    if not isinstance(m, int) or m < 1 or p % m:
+        raise ValueError(f"can merge {p} shards only by a factor m that divides {p}, got m={m!r}")
+    ranks = [s.shard for s in shards]
+    if [(g.rank, g.size) for g in ranks] != [(i, p) for i in range(p)]:
+        raise ValueError("merge_shards needs the shards of every rank in rank order; got (rank, size) = "
+                         f"{[(g.rank, g.size) for g in ranks]}")
+
+
 def _dense_sequential(ffn: PhantomFFN) -> nn.Sequential:
     """A one-shard PhantomFFN as plain torch modules, nested and named as the user's FFN was."""
 
@@ -340,13 +389,17 @@ def to_dense(module: nn.Module) -> nn.Module:
     """The dense model a phantom model computes; a collective call, every rank gets it.
 
     For a ``PhantomFFN``: the dense ``nn.Sequential`` (same layer order and activations
-    as the FFN it came from). For any module containing PhantomFFNs (a LightningModule,
-    say): a deep copy with each replaced by its dense form, detached from any Trainer.
+    as the FFN it came from); for another registered kind (a transformer stack) its dense
+    form. For any module containing those (a LightningModule, say): a deep copy with each
+    replaced by its dense form, detached from any Trainer.
     """
     if isinstance(module, PhantomFFN):
         return _dense_sequential(merge_shards(gather_shards(module), module.shard.size)[0])
+    if _kind_of(module) is not None:
+        return _kind_of(module).to_dense(module)
     # modules() has the same order on every rank, so the collectives line up.
-    memo = {id(ffn): to_dense(ffn) for ffn in module.modules() if isinstance(ffn, PhantomFFN)}
+    memo = {id(ffn): to_dense(ffn) for ffn in module.modules()
+            if isinstance(ffn, (PhantomFFN, *(k.phantom for k in PHANTOM_KINDS)))}
     for attr in ("_trainer", "_fabric", "_device_mesh"):
         if getattr(module, attr, None) is not None:
             memo[id(getattr(module, attr))] = None
