@@ -223,3 +223,10 @@ class StackComparison:
 def compare_stacks(*args, **kwargs) -> StackComparison:
     """``stack_cost`` of both schemes with the same arguments (less ``scheme``)."""
     return StackComparison(stack_cost("phantom", *args, **kwargs), stack_cost("tensor", *args, **kwargs))
+
+
+def stack_summary(d_model: int, heads: int, dim_feedforward: int, layers: int, p: int, ghosts: Sequence[int], *,
+                  norm_first: bool = False, final_norm: bool = False) -> str:
+    """One line for a log: a stack's parameters per rank and PP/TP traffic and arithmetic per token."""
+    return compare_stacks(d_model, heads, dim_feedforward, layers, p, 1, 1, list(ghosts), norm_first=norm_first,
+                          final_norm=final_norm).describe() + " (per token, fp32)"

@@ -261,35 +261,37 @@ def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
     """
     if _kind_of(ffn) is not None:
         return _kind_of(ffn).gather(ffn)
-    info = ffn.shard
-    if info.size == 1:
-        return [ffn]
-    gathered = gather_state(ffn, info)
-    shards = []
-    for rank in range(info.size):
-        shard_info = GroupInfo(None, rank, info.size)
 
-        def empty(path: str, m: nn.Module, shard_info=shard_info) -> nn.Module:
+    def shell(shard_info: GroupInfo) -> PhantomFFN:
+        def empty(path: str, m: nn.Module) -> nn.Module:
             if isinstance(m, _Shard):
                 return _empty_shard(m, shard_info, m.weight)
             return m.rebuild(shard_info) if isinstance(m, (PhantomNorm, ShardedDropout)) else copy.deepcopy(m)
 
-        shard = _rebuild(ffn, empty)
-        shard.load_state_dict({name: t[rank] for name, t in gathered.items()})
-        shards.append(shard)
-    return shards
+        return _rebuild(ffn, empty)
+
+    return gather_with(ffn, shell)
 
 
-def gather_state(module: nn.Module, info: GroupInfo) -> dict[str, Tensor]:
-    """Every rank's state-dict tensors, stacked (p × shape), on every rank: all shards have the same shapes,
-    so one all-gather per tensor suffices (no pickling; NCCL as gloo)."""
+def gather_with(module: nn.Module, shell: Callable[[GroupInfo], nn.Module]) -> list:
+    """Every rank's shard of ``module``: ``shell(info)`` builds an empty shard for (rank, size) ``info`` and
+    the gathered tensors fill it. All shards of a phantom model have the same shapes, so one all-gather
+    per tensor suffices (no pickling; NCCL as gloo)."""
+    info = module.shard
+    if info.size == 1:
+        return [module]
     gathered = {}
     for name, t in module.state_dict().items():
         t = t.full_tensor() if isinstance(t, DTensor) else t  # sharded over the replicas by FSDP
         out = t.new_empty(info.size * t.numel())
         all_gather_into(out, t.detach().reshape(-1), info.group)
         gathered[name] = out.view(info.size, *t.shape)
-    return gathered
+    shards = []
+    for rank in range(info.size):
+        shard = shell(GroupInfo(None, rank, info.size))
+        shard.load_state_dict({name: t[rank] for name, t in gathered.items()})
+        shards.append(shard)
+    return shards
 
 
 def _merge_phantom(parts: Sequence[PhantomLinear], r: int, m: int, info: GroupInfo) -> PhantomLinear:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_phantom.nn.attention import PhantomSelfAttention, heads_per_rank, qkv_rows
 from lightning_phantom.nn.convert import (
-    PhantomKind, _empty_shard, _merge_phantom, _phantom_from_dense, gather_state, register_phantom_kind,
+    PhantomKind, _empty_shard, _merge_phantom, _phantom_from_dense, gather_with, register_phantom_kind,
 )
 from lightning_phantom.nn.dense_blocks import (
     DENSE_BLOCKS, DENSE_STACKS, BlockParts, DenseLinear, StackParts, check_norm, check_untied, read_block,
@@ -165,18 +165,9 @@ def _rebuild_stack(stack: PhantomTransformerEncoder, info: GroupInfo, linear: Li
 
 def gather_stack_shards(stack: PhantomTransformerEncoder) -> list[PhantomTransformerEncoder]:
     """Every rank's shard of ``stack``, on every rank of its group (a collective call); for merging, not running."""
-    info = stack.shard
-    if info.size == 1:
-        return [stack]
-    gathered = gather_state(stack, info)
-    shards = []
-    for rank in range(info.size):
-        shell = _rebuild_stack(stack, GroupInfo(None, rank, info.size),
-                               lambda path, old, new: _empty_shard(old, new, old.weight),
-                               lambda path, old, new: old.rebuild(new))
-        shell.load_state_dict({name: t[rank] for name, t in gathered.items()})
-        shards.append(shell)
-    return shards
+    return gather_with(stack, lambda info: _rebuild_stack(stack, info,
+                                                          lambda path, old, new: _empty_shard(old, new, old.weight),
+                                                          lambda path, old, new: old.rebuild(new)))
 
 
 def qkv_regroup(d_model: int, p: int, m: int, r: int) -> Tensor:

@@ -67,10 +67,12 @@ class ShardedDropout(nn.Dropout, _Sharded):
         shape = list(x.shape)
         shape[self.dim] = self.features
         # The dense layer's mask, drawn as F.dropout draws it (in x's memory layout), then this rank's slice.
+        # Drawn contiguous in that layout's order and permuted back to x's dims: a permuted allocation
+        # would be filled in logical order once torch.compile functionalizes bernoulli_.
         layout = torch.empty_like(x).stride() if not x.is_contiguous() else range(x.dim(), 0, -1)
         outermost_first = sorted(range(x.dim()), key=lambda i: layout[i], reverse=True)
-        keep = torch.empty_permuted(shape, outermost_first, dtype=x.dtype, device=x.device)
-        keep = keep.bernoulli_(1 - self.p).div_(1 - self.p)
+        keep = x.new_empty([shape[i] for i in outermost_first]).bernoulli_(1 - self.p).div_(1 - self.p)
+        keep = keep.permute([outermost_first.index(i) for i in range(x.dim())])
         return x * keep.narrow(self.dim, self.shard.rank * self.local, self.local)
 
     def rebuild(self, info: GroupInfo) -> "ShardedDropout":

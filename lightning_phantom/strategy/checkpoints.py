@@ -6,8 +6,11 @@ carries its phantom rank and group size (``model::net.2.compress|phantom1/2``): 
 collide, and the data-parallel replicas of a shard, identical under one key, are written
 once. Optimizer state is keyed the same way (``optimizer_0::net.2.compress|phantom1/2::exp_avg``).
 What is not a tensor goes to ``meta.pt`` (read with ``weights_only=True``) under
-``"phantom"``, with the format version, the layout and the non-tensor entries. Writing goes
-through ``storage`` (staging directory, atomic publish).
+``"phantom"``, with the format version, the layout, the non-tensor entries and every rank's
+random state (``rng``: torch, CUDA, numpy, Python), which loading restores on the same world, so
+that a resumed fit draws the dropout masks of the uninterrupted one (Lightning's own
+checkpoints keep no random state). Writing goes through ``storage`` (staging directory,
+atomic publish).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Optional, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -134,10 +138,12 @@ def save(strategy: CheckpointingStrategy, checkpoint: dict[str, Any], path: Path
             for mine, other in zip(optimizer_extra, other_optimizers):
                 mine["state"].update(other["state"])
     dcp.save(tensors, checkpoint_id=staging)
+    rng: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rng, rng_state())
     if strategy.is_global_zero:
         checkpoint["phantom"] = {"format": FORMAT_VERSION, "data_parallel": layout.data,
                                  "phantom_parallel": layout.phantom, "model_extra": model_extra,
-                                 "optimizer_extra": optimizer_extra}
+                                 "optimizer_extra": optimizer_extra, "rng": rng}
         save_durably(checkpoint, staging / META_FILE)
     strategy.barrier()
     if strategy.is_global_zero:
@@ -258,7 +264,32 @@ def load(strategy: CheckpointingStrategy, path: Path, weights_only: Optional[boo
         module.load_state_dict(full, strict=module.strict_loading)
     for optimizer, names, slots, extra in plans:
         _load_optimizer(optimizer, names, slots, extra, path)
+    states = info.get("rng")
+    if states is not None and len(states) == dist.get_world_size():  # on another world it cannot replay
+        set_rng_state(states[dist.get_rank()])
     return metadata
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state, in types ``torch.load(weights_only=True)`` reads (numpy's array as a list)."""
+    state = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    if "numpy" in state:
+        name, keys, *rest = state["numpy"]
+        state["numpy"] = (name, keys.tolist(), *rest)
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned (CUDA's only where there is CUDA)."""
+    state = dict(state)
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, *rest = state["numpy"]
+        state["numpy"] = (name, np.asarray(keys, dtype=np.uint32), *rest)
+    if not torch.cuda.is_available():
+        state.pop("torch.cuda", None)
+    _set_rng_states(state)
 
 
 def _slot(param: Tensor, md) -> Tensor:
