@@ -66,6 +66,8 @@ CASES = {
     "post-seq-bool_causal-padding-dropout": (dict(dropout=0.2), dict(mask="bool_causal", padding="bool"), True),
     "pre-nobias-gelu_tanh-causal_hint": (dict(norm_first=True, bias=False, activation=nn.GELU(approximate="tanh")),
                                          dict(mask="causal", is_causal=True), False),
+    "post-batch-unbatched-causal-padding-dropout": (dict(batch_first=True, dropout=0.2),
+                                                   dict(mask="causal", padding="bool", unbatched=True), True),
 }
 
 
@@ -86,7 +88,12 @@ def call_args(settings: dict, batch_first: bool, seed: int = 1):
     elif settings.get("padding") == "float":
         kw["src_key_padding_mask"] = torch.zeros(N, L, dtype=torch.float64).masked_fill(padding, float("-inf"))
     keep = ~padding if "padding" in settings else torch.ones(N, L, dtype=torch.bool)
-    return x, kw, keep if batch_first else keep.t()
+    keep = keep if batch_first else keep.t()
+    if settings.get("unbatched"):  # one sequence, (L, d), its padding mask (S,)
+        x, keep = (x[0], keep[0]) if batch_first else (x[:, 0], keep[:, 0])
+        if "src_key_padding_mask" in kw:
+            kw["src_key_padding_mask"] = kw["src_key_padding_mask"][0]
+    return x, kw, keep
 
 
 def forward_cases(names):
@@ -110,6 +117,27 @@ def forward_cases(names):
                 assert not torch.equal(want, dense_stack(**build).train()(x, **kw))
         errors[name] = worst
     return errors
+
+
+def always_causal():
+    """Blocks that attend causally by themselves (a GPT block's ``causal=True``) equal the dense stack given
+    the causal mask, alone, with key padding, and with a per-head mask added."""
+    dense = dense_stack(norm_first=True).eval()
+    phantom = lp.to_phantom(dense, ghosts="full").eval()
+    for layer in phantom.layers:
+        layer.self_attn.causal = True
+    x, padding, g = inputs(batch_first=False)
+    heads = torch.randn(N * H, L, L, dtype=torch.float64, generator=g)
+    keep = ~padding.t()
+    return [(phantom(x) - dense(x, mask=causal())).abs().max().item(),
+            (phantom(x, src_key_padding_mask=padding) - dense(x, mask=causal(), src_key_padding_mask=padding))[keep]
+            .abs().max().item(),
+            (phantom(x, mask=heads) - dense(x, mask=heads + causal())).abs().max().item()]
+
+
+def test_always_causal_blocks_equal_dense_with_the_causal_mask():
+    for errors in run_ranks(2, always_causal):
+        assert max(errors) < 1e-10, errors
 
 
 @pytest.mark.parametrize("p", [2, 4])

@@ -77,24 +77,17 @@ def attention_bias(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tenso
     (N, h/p, L, S). ``causal``: the block always attends causally (a GPT block), whatever it
     is given; masks given are added to the causal one.
     """
-    if causal:
-        if attn_mask is None and key_padding_mask is None:
-            return None, True
-        future = torch.ones(target, source, dtype=torch.bool, device=(attn_mask if attn_mask is not None
-                                                                      else key_padding_mask).device).triu(1)
-        future = F._canonical_mask(mask=future, mask_name="causal", other_type=None, other_name="",
-                                   target_type=dtype, check_other=False)
-        given = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-                                  target_type=dtype, check_other=False)
-        attn_mask, is_causal = future if given is None else given + future, False
+    if causal and attn_mask is None and key_padding_mask is None:
+        return None, True
     key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                          other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
                                          target_type=dtype)
-    if is_causal and attn_mask is None:
-        raise RuntimeError("is_causal=True is a hint that attn_mask is the causal mask, and needs that mask, as in "
-                           "nn.MultiheadAttention: pass attn_mask=nn.Transformer.generate_square_subsequent_mask(L)")
-    if is_causal and key_padding_mask is None:
-        return None, True
+    if not causal:
+        if is_causal and attn_mask is None:
+            raise RuntimeError("is_causal=True is a hint that attn_mask is the causal mask, and needs that mask, as "
+                               "in nn.MultiheadAttention: pass attn_mask=nn.Transformer.generate_square_subsequent_mask(L)")
+        if is_causal and key_padding_mask is None:
+            return None, True
     bias = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                              target_type=dtype, check_other=False)
     if bias is not None:
@@ -105,6 +98,10 @@ def attention_bias(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tenso
         else:
             raise ValueError(f"attn_mask must be ({target}, {source}) or (N·nhead, L, S) = ({batch * heads}, "
                              f"{target}, {source}), got shape {tuple(attn_mask.shape)}")
+    if causal:  # SDPA's causal mask (top-left aligned), added to what was given
+        device = (bias if bias is not None else key_padding_mask).device
+        future = torch.full((1, 1, target, source), float("-inf"), dtype=dtype, device=device).triu(1)
+        bias = future if bias is None else bias + future
     if key_padding_mask is not None:
         if key_padding_mask.shape != (batch, source):
             raise ValueError(f"key_padding_mask must be (N, S) = ({batch}, {source}), got shape "
