@@ -15,13 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import lightning_phantom as lp
-from lightning_phantom.nn import PhantomSelfAttention, PhantomTransformerEncoder, PhantomTransformerEncoderLayer
-from lightning_phantom.nn.convert import gather_shards
-from lightning_phantom.nn.layers import set_group
+from lightning_phantom.nn import PhantomTransformerEncoder
 from conftest import run_ranks
 
 D, H, F_, LAYERS, L, N = 16, 4, 32, 2, 5, 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 import lightning_phantom as lp
@@ -83,7 +84,6 @@ def test_merge_four_to_two_to_one_and_to_dense():
         if rank < 2:
             assert res["err2"] < 1e-12
         assert res["types"] == (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.LayerNorm, False)
-        import torch.nn.functional as F
         assert res["config"] == (D, H, F_, 0.15, 0.15, 0.15, F.gelu, 1e-5, True, True, False, 1e-6)
 
 
