@@ -8,7 +8,8 @@ per layer: ``ops`` (collectives, the fused operator), ``nn`` (layers, conversion
 
 from lightning_phantom.energy import EnergyMonitor
 from lightning_phantom.nn import (
-    ColumnParallelLinear, PhantomFFN, PhantomLinear, RowParallelLinear, merge_shards, to_dense, to_phantom,
+    ColumnParallelLinear, PhantomFFN, PhantomLinear, PhantomSelfAttention, PhantomTransformerEncoder,
+    PhantomTransformerEncoderLayer, RowParallelLinear, merge_shards, to_dense, to_phantom,
 )
 from lightning_phantom.nn.plan import FFNPlan, PhantomPlan
 from lightning_phantom.strategy import NonFiniteError, NonFiniteGuard, PhantomStrategy, reshard_checkpoint
@@ -17,6 +18,7 @@ __all__ = [
     "PhantomStrategy", "PhantomPlan", "FFNPlan",
     "EnergyMonitor",
     "PhantomFFN", "PhantomLinear", "ColumnParallelLinear", "RowParallelLinear",
+    "PhantomTransformerEncoder", "PhantomTransformerEncoderLayer", "PhantomSelfAttention",
     "to_phantom", "to_dense", "merge_shards", "reshard_checkpoint",
     "NonFiniteError", "NonFiniteGuard",
 ]

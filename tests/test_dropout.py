@@ -138,3 +138,18 @@ def test_sharded_dropout_refuses_the_wrong_width():
         assert "holds 8 of 16 features" in str(e)
     else:
         raise AssertionError("a full-width input was taken as this rank's slice")
+
+
+def test_sharded_dropout_draws_in_the_memory_layout_of_its_input():
+    """F.dropout draws its mask in the input's memory layout (empty_like), and torch's batch-first attention
+    output is a transposed view: each rank's slice must be that mask's slice, not a contiguous draw's."""
+    dense = torch.rand(5, 3, 16, dtype=torch.float64).add_(1).transpose(0, 1)  # (3, 5, 16), laid out (5, 3, 16)
+    torch.manual_seed(4)
+    want = nn.functional.dropout(dense, 0.5, True)
+    for rank in range(2):
+        layer = ShardedDropout(0.5, 16, shard=(rank, 2))
+        torch.manual_seed(4)
+        got = layer(dense[..., rank * 8:(rank + 1) * 8])
+        assert torch.equal(got, want[..., rank * 8:(rank + 1) * 8])
+    torch.manual_seed(4)  # a contiguous input of the same shape gets a different mask, as in the dense model
+    assert not torch.equal(nn.functional.dropout(dense.contiguous(), 0.5, True), want)

@@ -395,6 +395,10 @@ class LocalFlopCounterMode(FlopCounterMode):
     * In-place matmuls: ``addmm_`` and ``baddbmm_`` have no formula in torch's registry
       (torch 2.13) and count 0; the phantom operator accumulates decompressed ghosts with
       ``addmm_``, so they get the formulas of ``addmm`` and ``baddbmm`` here.
+    * Attention on CPU: ``F.scaled_dot_product_attention`` runs
+      ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), which torch's
+      registry does not list (counts 0); they get torch's SDPA formulas (scores and values
+      at full L × S forward, five such products backward).
     * Otherwise, on plain tensors, it counts exactly what ``FlopCounterMode`` does.
     """
 
@@ -406,8 +410,13 @@ class LocalFlopCounterMode(FlopCounterMode):
             )
         aten = torch.ops.aten
         # The registry holds shape-wrapped formulas; custom_mapping wraps again, so pass the raw one.
-        mapping = {inplace: flop_registry[base].__wrapped__
-                   for inplace, base in ((aten.addmm_, aten.addmm), (aten.baddbmm_, aten.baddbmm))}
+        same_as = [(aten.addmm_, aten.addmm), (aten.baddbmm_, aten.baddbmm)]
+        for cpu, base in (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                           "_scaled_dot_product_flash_attention_backward")):
+            if hasattr(aten, cpu):
+                same_as.append((getattr(aten, cpu), getattr(aten, base)))
+        mapping = {op: flop_registry[base].__wrapped__ for op, base in same_as}
         mapping.update(custom_mapping or {})
         super().__init__(mods=mods, depth=depth, display=display, custom_mapping=mapping)
 

@@ -1,7 +1,8 @@
-"""``torch.compile`` for sharded FFNs: one request, resolved once, applied per FFN.
+"""``torch.compile`` for sharded FFNs and transformer blocks: one request, resolved once, applied per module.
 
 A phantom FFN's collectives are functional (``lightning_phantom.ops.comm``), so each
-``PhantomFFN`` compiles as one graph, forward and backward. It is compiled in place
+``PhantomFFN`` compiles as one graph, forward and backward, and so does each block of a phantom
+transformer stack (``PhantomTransformerEncoderLayer``; the stack's entry and exit stay eager). It is compiled in place
 (``nn.Module.compile``), as torchtitan compiles each block after parallelising it: the
 module stays the same object with the same state-dict keys, so checkpoints, optimisers
 and ``sharded_parameters`` see no difference. ``fullgraph=True`` is the default, so a
@@ -18,6 +19,10 @@ import torch
 from torch import nn
 
 from lightning_phantom.nn.layers import PhantomFFN
+from lightning_phantom.nn.transformer import PhantomTransformerEncoderLayer
+
+#: What ``compile_ffns`` compiles in place, each as one graph.
+COMPILED = (PhantomFFN, PhantomTransformerEncoderLayer)
 
 CompileRequest = Union[bool, Mapping[str, Any], None]
 
@@ -39,10 +44,10 @@ def compile_options(request: CompileRequest) -> Optional[dict[str, Any]]:
 
 
 def compile_ffns(module: nn.Module, options: Optional[dict[str, Any]]) -> list[str]:
-    """Compile every ``PhantomFFN`` inside ``module`` in place; return their names."""
+    """Compile every ``PhantomFFN`` and phantom transformer block inside ``module`` in place; return their names."""
     if options is None:
         return []
-    names = [name for name, m in module.named_modules() if isinstance(m, PhantomFFN)]
+    names = [name for name, m in module.named_modules() if isinstance(m, COMPILED)]
     for name in names:
         module.get_submodule(name).compile(**options)
     return names

@@ -6,13 +6,18 @@
   (docs/operator.md §7); m = p gives the dense model.
 * ``gather_shards`` / ``to_dense``: collect a group's shards on every rank and rebuild the
   dense module, for serving on one device (of the user's classes: ``blocks``).
+
+Other phantom modules (transformer stacks, ``nn/convert_transformer.py``) register a
+``PhantomKind``; the four functions above hand such modules to it, so one ``to_phantom``,
+``merge_shards``, ``gather_shards`` and ``to_dense`` serve every kind.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +34,31 @@ from lightning_phantom.nn.layers import (
 )
 from lightning_phantom.nn.dropout import ShardedDropout
 from lightning_phantom.nn.norms import PHANTOM_NORMS, PhantomNorm, merge_norms, norm_refusal, shard_norm
+
+
+@dataclass(frozen=True)
+class PhantomKind:
+    """A phantom module besides ``PhantomFFN``: which dense modules it converts, and how it is converted,
+    gathered, merged and turned back into its dense form (the signatures of this module's functions)."""
+
+    phantom: type[nn.Module]
+    converts: Callable[[nn.Module], bool]  # is this dense module one of its kind?
+    to_phantom: Callable[..., nn.Module]  # (dense, ghosts, group, init, overlap)
+    gather: Callable[[nn.Module], list]
+    merge: Callable[[Sequence[nn.Module], int], list]
+    to_dense: Callable[[nn.Module], nn.Module]
+
+
+PHANTOM_KINDS: list[PhantomKind] = []
+
+
+def register_phantom_kind(kind: PhantomKind) -> PhantomKind:
+    PHANTOM_KINDS.append(kind)
+    return kind
+
+
+def _kind_of(module: nn.Module) -> Optional[PhantomKind]:
+    return next((k for k in PHANTOM_KINDS if isinstance(module, k.phantom)), None)
 
 
 def ffn_linears(module: nn.Module, name: str = "module") -> list[nn.Linear]:
@@ -168,6 +198,9 @@ def to_phantom(module: nn.Sequential, ghosts, group=None, init: str = "svd", ove
     initialises fresh, matched in variance to the dense layers.
     The dense module must hold the same weights on every rank of the group.
     """
+    other = next((k for k in PHANTOM_KINDS if k.converts(module)), None)
+    if other is not None:
+        return other.to_phantom(module, ghosts, group, init, overlap)
     linears = ffn_linears(module)
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
@@ -235,26 +268,36 @@ def gather_shards(ffn: PhantomFFN) -> list[PhantomFFN]:
     suffices: no pickling, and it works on NCCL as on gloo. The returned shards carry
     (rank, size) but no process group: they are for merging, not for running.
     """
-    info = ffn.shard
+    if _kind_of(ffn) is not None:
+        return _kind_of(ffn).gather(ffn)
+
+    def shell(shard_info: GroupInfo) -> PhantomFFN:
+        def empty(path: str, m: nn.Module) -> nn.Module:
+            if isinstance(m, _Shard):
+                return _empty_shard(m, shard_info, m.weight)
+            return m.rebuild(shard_info) if isinstance(m, (PhantomNorm, ShardedDropout)) else copy.deepcopy(m)
+
+        return keep_blocks(ffn, _rebuild(ffn, empty))
+
+    return gather_with(ffn, shell)
+
+
+def gather_with(module: nn.Module, shell: Callable[[GroupInfo], nn.Module]) -> list:
+    """Every rank's shard of ``module``: ``shell(info)`` builds an empty shard for (rank, size) ``info`` and
+    the gathered tensors fill it. All shards of a phantom model have the same shapes, so one all-gather
+    per tensor suffices (no pickling; NCCL as gloo)."""
+    info = module.shard
     if info.size == 1:
-        return [ffn]
-    state = ffn.state_dict()
+        return [module]
     gathered = {}
-    for name, t in state.items():
+    for name, t in module.state_dict().items():
         t = t.full_tensor() if isinstance(t, DTensor) else t  # sharded over the replicas by FSDP
         out = t.new_empty(info.size * t.numel())
         all_gather_into(out, t.detach().reshape(-1), info.group)
         gathered[name] = out.view(info.size, *t.shape)
     shards = []
     for rank in range(info.size):
-        shard_info = GroupInfo(None, rank, info.size)
-
-        def empty(path: str, m: nn.Module, shard_info=shard_info) -> nn.Module:
-            if isinstance(m, _Shard):
-                return _empty_shard(m, shard_info, m.weight)
-            return m.rebuild(shard_info) if isinstance(m, (PhantomNorm, ShardedDropout)) else copy.deepcopy(m)
-
-        shard = keep_blocks(ffn, _rebuild(ffn, empty))
+        shard = shell(GroupInfo(None, rank, info.size))
         shard.load_state_dict({name: t[rank] for name, t in gathered.items()})
         shards.append(shard)
     return shards
@@ -296,13 +339,10 @@ def merge_shards(shards: Sequence[PhantomFFN], m: int) -> list[PhantomFFN]:
     rank's checkpoint). The result's shard r is for rank r of a group of p/m; ``m = p``
     gives one shard that is the dense model.
     """
+    check_merge(shards, m)
+    if _kind_of(shards[0]) is not None:
+        return _kind_of(shards[0]).merge(shards, m)
     p = len(shards)
-    if not isinstance(m, int) or m < 1 or p % m:
-        raise ValueError(f"can merge {p} shards only by a factor m that divides {p}, got m={m!r}")
-    ranks = [s.shard for s in shards]
-    if [(g.rank, g.size) for g in ranks] != [(i, p) for i in range(p)]:
-        raise ValueError("merge_shards needs the shards of every rank in rank order; got (rank, size) = "
-                         f"{[(g.rank, g.size) for g in ranks]}")
     merged = []
     for r in range(p // m):
         info = GroupInfo(None, r, p // m)
@@ -329,6 +369,17 @@ def merge_shards(shards: Sequence[PhantomFFN], m: int) -> list[PhantomFFN]:
     return merged
 
 
+def check_merge(shards: Sequence[nn.Module], m: int) -> None:
+    """``shards`` are the p shards of one model in rank order, and ``m`` divides p."""
+    p = len(shards)
+    if not isinstance(m, int) or m < 1 or p % m:
+        raise ValueError(f"can merge {p} shards only by a factor m that divides {p}, got m={m!r}")
+    ranks = [s.shard for s in shards]
+    if [(g.rank, g.size) for g in ranks] != [(i, p) for i in range(p)]:
+        raise ValueError("merge_shards needs the shards of every rank in rank order; got (rank, size) = "
+                         f"{[(g.rank, g.size) for g in ranks]}")
+
+
 def _dense_sequential(ffn: PhantomFFN) -> nn.Sequential:
     """A one-shard PhantomFFN as plain torch modules, nested and named as the user's FFN was, each
     block of the user's class (``blocks.dense_blocks``)."""
@@ -352,15 +403,19 @@ def to_dense(module: nn.Module) -> nn.Module:
 
     For a ``PhantomFFN``: the dense ``nn.Sequential`` (same layer order and activations
     as the FFN it came from; an instance of its class where that was a subclass, such as
-    torchvision's ``MLP``). For any module containing PhantomFFNs (a LightningModule, say): a
-    deep copy with each replaced by its dense form, for one process: detached from any Trainer,
-    and every process group a submodule holds (a torchmetrics ``Metric``'s, which the strategy
-    sets) left ``None``, so that its metrics compute on the one process.
+    torchvision's ``MLP``); for another registered kind (a transformer stack), its dense form. For
+    any module containing those (a LightningModule, say): a deep copy with each replaced by its
+    dense form, for one process: detached from any Trainer, and every process group a submodule
+    holds (a torchmetrics ``Metric``'s, which the strategy sets) left ``None``, so that its
+    metrics compute on the one process.
     """
     if isinstance(module, PhantomFFN):
         return _dense_sequential(merge_shards(gather_shards(module), module.shard.size)[0])
+    if _kind_of(module) is not None:
+        return _kind_of(module).to_dense(module)
     # modules() has the same order on every rank, so the collectives line up.
-    memo: dict[int, Any] = {id(ffn): to_dense(ffn) for ffn in module.modules() if isinstance(ffn, PhantomFFN)}
+    memo: dict[int, Any] = {id(ffn): to_dense(ffn) for ffn in module.modules()
+                            if isinstance(ffn, (PhantomFFN, *(k.phantom for k in PHANTOM_KINDS)))}
     for attr in ("_trainer", "_fabric", "_device_mesh"):
         if getattr(module, attr, None) is not None:
             memo[id(getattr(module, attr))] = None

@@ -8,7 +8,10 @@ feature j of rank 1 would always be dropped together.
 
 ``ShardedDropout`` draws the mask of the whole activation, (rows × n), from the global RNG
 exactly as ``nn.Dropout`` on the dense activation does (on CPU, ``F.dropout`` is
-``empty_like(x).bernoulli_(1 − p)``, divided by 1 − p), and keeps this rank's slice. Every rank
+``empty_like(x).bernoulli_(1 − p)``, divided by 1 − p), and keeps this rank's slice.
+``empty_like`` keeps x's memory layout and ``bernoulli_`` fills memory in order, so the full
+mask is allocated in the layout of the input (a transposed activation, as torch's batch-first
+attention output is, gets a transposed mask). Every rank
 draws the same full mask and keeps a different part of it, so
 
 * the masks of a group are those of the dense model: on CPU, from the same RNG state, a phantom
@@ -31,6 +34,7 @@ stays replicated.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -62,8 +66,13 @@ class ShardedDropout(nn.Dropout, _Sharded):
             return x * x.new_zeros(())
         shape = list(x.shape)
         shape[self.dim] = self.features
-        # The dense layer's mask, drawn as F.dropout draws it, then this rank's slice of it.
-        keep = x.new_empty(shape).bernoulli_(1 - self.p).div_(1 - self.p)
+        # The dense layer's mask, drawn as F.dropout draws it (in x's memory layout), then this rank's slice.
+        # Drawn contiguous in that layout's order and permuted back to x's dims: a permuted allocation
+        # would be filled in logical order once torch.compile functionalizes bernoulli_.
+        layout = torch.empty_like(x).stride() if not x.is_contiguous() else range(x.dim(), 0, -1)
+        outermost_first = sorted(range(x.dim()), key=lambda i: layout[i], reverse=True)
+        keep = x.new_empty([shape[i] for i in outermost_first]).bernoulli_(1 - self.p).div_(1 - self.p)
+        keep = keep.permute([outermost_first.index(i) for i in range(x.dim())])
         return x * keep.narrow(self.dim, self.shard.rank * self.local, self.local)
 
     def rebuild(self, info: GroupInfo) -> "ShardedDropout":

@@ -70,6 +70,11 @@ class PhantomNorm(_Sharded):
                              f"shape {tuple(x.shape)}")
         self._check_group()
 
+    def _total(self, partial: Tensor) -> Tensor:
+        """Row statistics summed over the group. A norm that is its whole group sums nothing, even in a
+        larger world (a merged or gathered shard): ``group=None`` there would mean the world."""
+        return partial if self.shard.size == 1 else reduce_statistics(partial, self.shard.group)
+
     def extra_repr(self) -> str:
         return f"{self.features}, rank={self.shard.rank}/{self.shard.size}, " + ", ".join(
             f"{k}={v}" for k, v in self.config().items())
@@ -122,7 +127,7 @@ class PhantomLayerNorm(PhantomNorm):
         self._check_width(x)
         work = x.to(_statistics_dtype(x))
         sums = torch.stack([work.sum(-1), work.square().sum(-1)], dim=-1)
-        sums = reduce_statistics(sums, self.shard.group if self.shard.size > 1 else None)
+        sums = self._total(sums)
         mean = sums[..., :1] / self.features
         var = (sums[..., 1:] / self.features - mean.square()).clamp_min(0)
         y = ((work - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
@@ -162,8 +167,7 @@ class PhantomRMSNorm(PhantomNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_width(x)
         work = x.to(_statistics_dtype(x))
-        squares = reduce_statistics(work.square().sum(-1, keepdim=True),
-                                    self.shard.group if self.shard.size > 1 else None)
+        squares = self._total(work.square().sum(-1, keepdim=True))
         # nn.RMSNorm's default eps is that of its compute type (float32 for bfloat16/float16
         # inputs: at::opmath_type), not of the input's dtype: bfloat16's 7.8e-3 would swamp
         # small activations.

@@ -14,6 +14,11 @@ names the modules to shard instead of finding them: ``modules={"encoder.*.ffn": 
 with ``fnmatch``; each entry's settings (``ghosts``, ``init``, ``overlap``) override the
 request's. A pattern that matches nothing, a module matched twice, and a matched module that
 is not an FFN are errors, raised by ``plan_module`` on every rank alike.
+
+Transformer stacks (a registered dense stack kind, ``nn/dense_blocks.py``: torch's
+``nn.TransformerEncoder``) are found next to the FFNs, wherever they sit, and get one
+``StackPlan`` each; an explicit plan may name them as it names FFNs. A stack that cannot be
+converted is left dense, and its reason kept (``ModulePlan.rejected_stacks``) for the log.
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from lightning_phantom.nn.convert import ffn_linears
+from lightning_phantom.nn.convert_transformer import check_stack_divisible, read_stack, stack_ghost_widths
+from lightning_phantom.nn.dense_blocks import DENSE_STACKS
 from lightning_phantom.nn.ghosts import GhostSpec, check_spec, resolve_ghosts
 from lightning_phantom.nn.layers import PhantomFFN
+from lightning_phantom.nn.transformer import PhantomTransformerEncoder
 
 INITS = ("svd", "random")
 GhostsRequest = Union[GhostSpec, Mapping[str, GhostSpec]]
@@ -53,6 +61,23 @@ class FFNPlan:
     ghosts: tuple[int, ...]  # per phantom layer
     init: str  # "svd" or "random"
     overlap: bool
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """How one transformer stack is sharded; made by ``PhantomPlan.for_stack``, read downstream."""
+
+    name: str
+    d_model: int
+    heads: int
+    dim_feedforward: int
+    layers: int
+    phantom: int
+    ghosts: tuple[int, ...]  # four per block: QKV, attention output, linear1, linear2
+    init: str
+    overlap: bool
+    norm_first: bool
+    final_norm: bool
 
 
 @dataclass(frozen=True)
@@ -95,12 +120,22 @@ class PhantomPlan:
         ghosts = resolve_ghosts(spec, sizes[1:-2], p, name)  # phantom layers' inputs: n_1 … n_{L-2}
         return FFNPlan(name, sizes, p, ghosts, self.init, self.overlap)
 
+    def for_stack(self, name: str, stack: nn.Module, p: int) -> StackPlan:
+        """The plan of dense stack ``name`` on phantom groups of ``p``; a ValueError says why it cannot be one."""
+        spec = self.ghosts.get(name, "auto") if isinstance(self.ghosts, Mapping) else self.ghosts
+        parts, blocks = read_stack(stack, name)
+        check_stack_divisible(blocks, p, name)
+        ghosts = resolve_ghosts(spec, stack_ghost_widths(blocks), p, name)
+        first = blocks[0]
+        return StackPlan(name, first.d_model, first.nhead, first.dim_feedforward, len(blocks), p, ghosts, self.init,
+                         self.overlap, first.norm_first, parts.norm is not None)
+
     def check_names(self, names: Sequence[str]) -> None:
         """Every module a ghosts mapping names must be an FFN that is converted."""
         if isinstance(self.ghosts, Mapping):
             unknown = sorted(set(self.ghosts) - set(names))
             if unknown:
-                raise ValueError(f"ghosts names {unknown}, which are not FFNs this strategy converts; those are "
+                raise ValueError(f"ghosts names {unknown}, which are not FFNs or stacks this strategy converts; those are "
                                  f"{sorted(names)}")
 
 
@@ -111,6 +146,9 @@ class ModulePlan:
     built: list[tuple[str, PhantomFFN]] = field(default_factory=list)  # the user's own PhantomFFNs
     convert: list[tuple[FFNPlan, nn.Sequential]] = field(default_factory=list)  # dense FFNs, with their plans
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (name, why) of Sequentials left dense
+    built_stacks: list[tuple[str, PhantomTransformerEncoder]] = field(default_factory=list)
+    stacks: list[tuple[StackPlan, nn.Module]] = field(default_factory=list)  # dense stacks, with their plans
+    rejected_stacks: list[tuple[str, str]] = field(default_factory=list)  # (name, why) of stacks left dense
 
 
 def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
@@ -133,6 +171,17 @@ def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
             if isinstance(child, PhantomFFN):
                 found.built.append((name, child))
                 continue
+            if isinstance(child, PhantomTransformerEncoder):
+                found.built_stacks.append((name, child))
+                continue
+            if type(child) in DENSE_STACKS:
+                try:  # what the stack is: left dense if it cannot be split
+                    check_stack_divisible(read_stack(child, name)[1], p, name)
+                except (TypeError, ValueError) as e:
+                    found.rejected_stacks.append((name, str(e)))
+                else:  # what was asked of it: an error if it does not fit
+                    found.stacks.append((plan.for_stack(name, child, p), child))
+                continue
             # Subclasses too (torchvision's MLP); one with its own forward is refused by _ineligible.
             if isinstance(child, nn.Sequential) and any(type(m) is nn.Linear for m in child.modules()):
                 reason = _ineligible(child, name, p)
@@ -143,20 +192,21 @@ def plan_module(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
             visit(child, name + ".")
 
     visit(module, "")
-    if not found.built and not dense:
-        why = "".join(f"\n  - {name}: {reason}" for name, reason in found.rejected)
+    if not found.built and not dense and not found.stacks and not found.built_stacks:
+        why = "".join(f"\n  - {name}: {reason}" for name, reason in found.rejected + found.rejected_stacks)
         raise ValueError(
             f"PhantomStrategy found nothing to shard in {type(module).__name__}. It converts FFNs: an "
             "nn.Sequential, or a subclass keeping its forward such as torchvision's MLP (blocks may be "
             "nested), of nn.Linear, LayerNorm/RMSNorm/BatchNorm1d and "
             "element-wise layers (activations, dropout) with at least 3 "
-            f"Linear layers and hidden widths divisible by phantom({p}). Candidates:"
+            f"Linear layers and hidden widths divisible by phantom({p}); and transformer stacks "
+            f"({', '.join(t.__name__ for t in DENSE_STACKS)}) whose heads and widths divide. Candidates:"
             f"{why or ' none (no nn.Sequential holding an nn.Linear).'}\nBuild the FFN that way, name the "
             "modules to shard with PhantomStrategy(plan={'encoder.*.ffn': {}}), build "
             "lightning_phantom.PhantomFFN(..., group=self.trainer.strategy.phantom_group) in "
             "configure_model(), or use another strategy (e.g. 'ddp') for a model without one."
         )
-    plan.check_names([name for name, _ in dense])
+    plan.check_names([name for name, _ in dense] + [stack.name for stack, _ in found.stacks])
     for name, seq in dense:
         linears = ffn_linears(seq, name)
         sizes = [linears[0].in_features] + [lin.out_features for lin in linears]
@@ -236,15 +286,24 @@ def match_modules(module: nn.Module, modules: Mapping[str, ModuleSettings]
 def _plan_named(module: nn.Module, plan: PhantomPlan, p: int) -> ModulePlan:
     found = ModulePlan()
     for name, child, entry in match_modules(module, plan.modules):
+        request = PhantomPlan(plan.ghosts if entry.ghosts is None else entry.ghosts, entry.init or plan.init,
+                              plan.overlap if entry.overlap is None else entry.overlap)
         if isinstance(child, PhantomFFN):
             found.built.append((name, child))
+            continue
+        if isinstance(child, PhantomTransformerEncoder):
+            found.built_stacks.append((name, child))
+            continue
+        if type(child) in DENSE_STACKS:
+            try:
+                found.stacks.append((request.for_stack(name, child, p), child))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"plan pattern names {name!r}, which cannot be sharded: {e}") from None
             continue
         reason = _ineligible(child, name, p)
         if reason is not None:
             raise ValueError(f"plan pattern names {name!r}, which cannot be sharded: {reason}")
         linears = ffn_linears(child, name)
         sizes = [linears[0].in_features] + [lin.out_features for lin in linears]
-        request = PhantomPlan(plan.ghosts if entry.ghosts is None else entry.ghosts, entry.init or plan.init,
-                              plan.overlap if entry.overlap is None else entry.overlap)
         found.convert.append((request.for_ffn(name, sizes, p), child))
     return found

@@ -10,7 +10,13 @@ function                    forward              backward
 ``copy_to_phantom``         identity             all-reduce
 ``reduce_from_phantom``     all-reduce           identity
 ``reduce_statistics``       all-reduce           all-reduce
+``split_to_phantom``        keep own columns     all-gather columns
+``gather_from_phantom``     all-gather columns   keep own columns
 ==========================  ===================  ===================
+
+The last pair enters and leaves a transformer stack whose residual stream is split by
+columns over the group (docs/operator.md §10.5): rank i keeps columns i·d/p … (i+1)·d/p − 1
+of the last dimension.
 
 The fourth pair, the ghost exchange (all-gather forward, reduce-scatter backward), is
 fused into the layer operator (``ops/operator.py``) so that it overlaps the local
@@ -195,6 +201,68 @@ class _ReduceStatistics(torch.autograd.Function):
 def reduce_statistics(stats: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
     """Sum per-rank partial row statistics of a sharded activation: all-reduce forward and backward."""
     return stats if _single(group) else _ReduceStatistics.apply(stats, group)
+
+
+def _own_columns(x: Tensor, rank: int, size: int) -> Tensor:
+    width = x.shape[-1] // size
+    return x.narrow(-1, rank * width, width).contiguous()
+
+
+def _gather_columns(x: Tensor, group: Optional[ProcessGroup], size: int) -> Tensor:
+    """Every rank's columns side by side: one all-gather of this rank's rows × width/p block."""
+    rows = x.reshape(-1, x.shape[-1])
+    every = wait(start_all_gather(rows, group, size))  # (p·rows) × width/p, rank-major
+    every = every.view(size, rows.shape[0], rows.shape[1]).permute(1, 0, 2)
+    return every.reshape(*x.shape[:-1], size * x.shape[-1])
+
+
+class _SplitToPhantom(torch.autograd.Function):
+    """Keep this rank's columns forward; all-gather the gradient's columns backward.
+
+    Every rank holds the whole input and the whole loss; rank i's columns feed only rank i's
+    shard, so the gradient of the replicated input is the gradients of the p column blocks side
+    by side — an all-gather, the same full gradient on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[ProcessGroup], rank: int, size: int) -> Tensor:
+        ctx.group, ctx.size = group, size
+        return _own_columns(x, rank, size)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _gather_columns(grad.contiguous(), ctx.group, ctx.size), None, None, None
+
+
+class _GatherFromPhantom(torch.autograd.Function):
+    """All-gather the columns forward; keep this rank's columns of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[ProcessGroup], rank: int, size: int) -> Tensor:
+        ctx.rank, ctx.size = rank, size
+        return _gather_columns(x, group, size)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _own_columns(grad, ctx.rank, ctx.size), None, None, None
+
+
+def split_to_phantom(x: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
+    """Enter a column-sharded stream: keep own columns forward, all-gather the gradient backward."""
+    if _single(group):
+        return x
+    size = dist.get_world_size(group)
+    if x.shape[-1] % size:
+        raise ValueError(f"split_to_phantom: the last dimension of shape {tuple(x.shape)} is not divisible by the "
+                         f"group size {size}; each rank keeps width/{size} columns")
+    return _SplitToPhantom.apply(x, group, dist.get_rank(group), size)
+
+
+def gather_from_phantom(x: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
+    """Leave a column-sharded stream: all-gather the columns forward, keep own columns backward."""
+    if _single(group):
+        return x
+    return _GatherFromPhantom.apply(x, group, dist.get_rank(group), dist.get_world_size(group))
 
 
 # ------------------------------------------------------- whole-model collectives

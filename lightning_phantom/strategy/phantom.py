@@ -6,8 +6,9 @@ groups are data-parallel replicas. This module holds the Lightning hooks, in the
 Lightning's ``ModelParallelStrategy``; each job they start lives in a module of its own:
 
 * ``lightning_phantom.nn.plan``: what to shard — the ``ghosts``/``init``/``overlap`` request
-  becomes one frozen ``FFNPlan`` per FFN after ``configure_model``; every eligible FFN is then
-  replaced in place by this rank's ``PhantomFFN`` (built straight into shards from meta).
+  becomes one frozen ``FFNPlan`` per FFN (``StackPlan`` per transformer stack) after
+  ``configure_model``; each is then replaced in place by this rank's ``PhantomFFN``
+  (``PhantomTransformerEncoder``), built straight into shards from meta.
 * ``data_parallel``: replicas start equal; their gradients are averaged during backward
   (``"ddp"``, ``grad_buckets``), or FSDP2 shards every FFN over them too (``"fsdp"``).
 * ``precision``: the strategy's own precision plugins, clipping by the norm of the whole model.
