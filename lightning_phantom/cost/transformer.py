@@ -30,7 +30,7 @@ from fractions import Fraction
 from typing import Sequence, Union
 
 from lightning_phantom._checks import positive_int
-from lightning_phantom.cost.model import LayerCost, _all_reduce_bytes, _ForwardBackward, _ratio, norm_cost
+from lightning_phantom.cost.model import LayerCost, _ForwardBackward, _layer, _ratio, norm_cost
 from lightning_phantom.nn.ghosts import GhostSpec, resolve_ghosts
 
 SCHEMES = ("phantom", "tensor")
@@ -85,16 +85,12 @@ def _linear(kind: str, n_in: int, n_out: int, p: int, k: int, rows: int, e: int,
     a, c = n_in // p, n_out // p
     local = rows * c * a
     if p == 1:
-        return LayerCost(kind, n_in, n_out, 0, c * a + c * bias, local, local * (1 + input_grad), Fraction(0),
-                         Fraction(0), (), ())
+        return _layer(kind, n_in, n_out, 0, c * a + c * bias, local, local * (1 + input_grad), p)
     fwd = rows * (c * a + k * a + (p - 1) * k * c)
     # Backward: dL, dD, dC and the ghost gradients always; dX (local block and through C) if needed.
     bwd = 2 * fwd - (0 if input_grad else rows * (c * a + k * a))
-    return LayerCost(kind, n_in, n_out, k, params=c * a + c * bias + k * a + (p - 1) * c * k, macs_fwd=fwd,
-                     macs_bwd=bwd, sent_bytes_fwd=Fraction((p - 1) * rows * k * e),
-                     sent_bytes_bwd=Fraction((p - 1) * rows * k * _sum_size(e)),
-                     collectives_fwd=(("all_gather", rows * k),),
-                     collectives_bwd=(("reduce_scatter", p * rows * k),))
+    return _layer(kind, n_in, n_out, k, c * a + c * bias + k * a + (p - 1) * c * k, fwd, bwd, p,
+                  [("all_gather", rows * k, e)], [("reduce_scatter", p * rows * k, _sum_size(e))])
 
 
 def _megatron(kind: str, n_in: int, n_out: int, p: int, rows: int, e: int, bias: bool, column: bool,
@@ -104,39 +100,32 @@ def _megatron(kind: str, n_in: int, n_out: int, p: int, rows: int, e: int, bias:
     comm = p > 1
     if column:
         fwd = rows * (n_out // p) * n_in
-        reduce = (("all_reduce", rows * n_in),) if comm and input_grad else ()
-        return LayerCost(kind, n_in, n_out, 0, (n_out // p) * (n_in + bias), fwd, fwd * (1 + input_grad),
-                         Fraction(0), _all_reduce_bytes(p, rows * n_in, e) if reduce else Fraction(0), (), reduce)
+        reduce = [("all_reduce", rows * n_in, e)] if comm and input_grad else []
+        return _layer(kind, n_in, n_out, 0, (n_out // p) * (n_in + bias), fwd, fwd * (1 + input_grad), p, (),
+                      reduce)
     fwd = rows * n_out * (n_in // p)
-    reduce = (("all_reduce", rows * n_out),) if comm else ()
-    return LayerCost(kind, n_in, n_out, 0, n_out * (n_in // p) + n_out * bias, fwd, 2 * fwd,
-                     _all_reduce_bytes(p, rows * n_out, e) if reduce else Fraction(0), Fraction(0), reduce, ())
+    reduce = [("all_reduce", rows * n_out, e)] if comm else []
+    return _layer(kind, n_in, n_out, 0, n_out * (n_in // p) + n_out * bias, fwd, 2 * fwd, p, reduce)
 
 
 def _attention(d: int, heads: int, p: int, batch: int, seq: int, math: bool) -> LayerCost:
     """Scores and values of h/p heads: 2·N·(h/p)·L·L·e MACs forward; backward 5/2 of that (SDPA), 2 (math)."""
     per_product = batch * (heads // p) * seq * seq * (d // heads)
-    return LayerCost("attention", d, d, 0, 0, 2 * per_product, (4 if math else 5) * per_product, Fraction(0),
-                     Fraction(0), (), ())
+    return _layer("attention", d, d, 0, 0, 2 * per_product, (4 if math else 5) * per_product, p)
 
 
 def _norm(scheme: str, kind: str, d: int, p: int, rows: int, e: int, bias: bool) -> LayerCost:
     per_feature = 1 + bias if kind == "layernorm" else 1
     if scheme == "tensor":  # replicated on every rank: nothing sent
-        return LayerCost(kind, d, d, 0, per_feature * d, 0, 0, Fraction(0), Fraction(0), (), ())
+        return _layer(kind, d, d, 0, per_feature * d, 0, 0, p)
     return replace(norm_cost(kind, d, p, rows, _sum_size(e)), params=per_feature * (d // p))
 
 
 def _column_ends(p: int, rows: int, d: int, e: int, input_requires_grad: bool) -> tuple[LayerCost, LayerCost]:
     """docs/operator.md §10.5: the split (backward: all-gather of the input gradient) and the exit all-gather."""
-    width = rows * d // p
-    sent = Fraction((p - 1) * width * e)
-    grad = p > 1 and input_requires_grad
-    entry = LayerCost("entry", d, d, 0, 0, 0, 0, Fraction(0), sent if grad else Fraction(0), (),
-                      (("all_gather", width),) if grad else ())
-    leave = LayerCost("exit", d, d, 0, 0, 0, 0, sent if p > 1 else Fraction(0), Fraction(0),
-                      (("all_gather", width),) if p > 1 else (), ())
-    return entry, leave
+    gather = [("all_gather", rows * d // p, e)] if p > 1 else []
+    entry = _layer("entry", d, d, 0, 0, 0, 0, p, (), gather if input_requires_grad else [])
+    return entry, _layer("exit", d, d, 0, 0, 0, 0, p, gather)
 
 
 def stack_cost(scheme: str, d_model: int, heads: int, dim_feedforward: int, layers: int, p: int, batch: int,
