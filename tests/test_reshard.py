@@ -1,18 +1,17 @@
-"""``reshard_checkpoint`` on FFNs as people write them: nested blocks of Linear, norms, activations, dropout.
+"""``reshard_checkpoint`` on FFNs as people write them and on transformer stacks beside them.
 
 A model with a replicated input LayerNorm and nested ``nn.Sequential`` blocks (one with named
-children) holding LayerNorm, RMSNorm, BatchNorm1d (running statistics), GELU and Dropout is
-trained under ``strategy="phantom"`` on 4 gloo ranks — phantom(4) with ``data_parallel="ddp"``,
-and data(2) × phantom(2) with ``"fsdp"`` — and checkpointed. Each checkpoint is re-sharded and
+children) holding LayerNorm, RMSNorm, BatchNorm1d (running statistics), GELU and Dropout, and
+beside it a causal ``nn.TransformerEncoder`` (d=16, 4 heads, f=32, 2 post-norm layers with
+dropout, a final RMSNorm) between replicated Linear layers, is trained under
+``strategy="phantom"`` on 4 gloo ranks — phantom(4) with ``data_parallel="ddp"``, and
+data(2) × phantom(2) with ``"fsdp"`` — and checkpointed. Each checkpoint is re-sharded and
 resumed on fewer ranks: the resumed model computes what the saved one did (eval, and training
 mode from the same RNG state: dropout masks and batch statistics), and training goes on.
 
 The replicas see the same rows (no distributed sampler), so that their BatchNorm running
 statistics agree and the one copy a checkpoint keeps is the copy the saved outputs were computed
-with (issue 23, item 4). The fsdp model
-normalises its hidden layers with BatchNorm1d only: it resumes on data(2) × phantom(1), where a
-PhantomLayerNorm/PhantomRMSNorm of a group of one sums its statistics over the whole world
-(``nn/norms.py`` passes group None when the shard size is 1).
+with (issue 23, item 4).
 """
 
 from __future__ import annotations
@@ -30,35 +29,43 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_phantom as lp
 from conftest import run_ranks
-from lightning_phantom.nn import architecture
+from lightning_phantom.nn import PhantomRMSNorm, architecture
+from lightning_phantom.nn.layers import ELEMENTWISE
+from lightning_phantom.nn.transformer_architecture import activation_record, build_activation
 from lightning_phantom.strategy.checkpoints import shard_keys
 from lightning_phantom.strategy.reshard import reshard_tensors
 
 STEPS, MORE = 4, 2  # steps before the checkpoint; steps after resuming
 WIDTH = 8
+D, HEADS, FF, SEQ = 16, 4, 32, 3  # the stack's width, heads, MLP width; tokens per row
 
 
-def blocks(row_norms: bool = True) -> nn.Sequential:
-    """``row_norms``: LayerNorm and RMSNorm in the first two blocks (else BatchNorm1d)."""
-    first, second = ((nn.LayerNorm(WIDTH), nn.RMSNorm(WIDTH)) if row_norms
-                     else (nn.BatchNorm1d(WIDTH), nn.BatchNorm1d(WIDTH)))
+def blocks() -> nn.Sequential:
     return nn.Sequential(
         nn.LayerNorm(6),  # on the replicated input: a replicated module, no shard
-        nn.Sequential(nn.Linear(6, WIDTH), first, nn.GELU(), nn.Dropout(0.2)),
-        nn.Sequential(OrderedDict(fc=nn.Linear(WIDTH, WIDTH), norm=second, act=nn.GELU(),
+        nn.Sequential(nn.Linear(6, WIDTH), nn.LayerNorm(WIDTH), nn.GELU(), nn.Dropout(0.2)),
+        nn.Sequential(OrderedDict(fc=nn.Linear(WIDTH, WIDTH), norm=nn.RMSNorm(WIDTH), act=nn.GELU(),
                                   drop=nn.Dropout(0.2))),
         nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.BatchNorm1d(WIDTH), nn.Tanh()),
         nn.Linear(WIDTH, 4),
     )
 
 
+def stack() -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.1, activation="gelu", batch_first=True)
+    return nn.TransformerEncoder(layer, 2, norm=nn.RMSNorm(D), enable_nested_tensor=False)
+
+
 class Blocks(L.LightningModule):
-    def __init__(self, row_norms: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.net = blocks(row_norms)
+        self.net = blocks()
+        self.embed, self.encoder, self.head = nn.Linear(6, SEQ * D), stack(), nn.Linear(D, 4)
 
     def forward(self, x):
-        return self.net(x)
+        tokens = self.embed(x).unflatten(-1, (SEQ, D))
+        mask = nn.Transformer.generate_square_subsequent_mask(SEQ)
+        return self.net(x) + self.head(self.encoder(tokens, mask=mask, is_causal=True).mean(1))
 
     def training_step(self, batch, batch_idx):
         loss = F.mse_loss(self(batch[0]), batch[1])
@@ -107,7 +114,7 @@ def train_and_save(tmp: str) -> dict:
     for name, layout in (("ddp", {"phantom_parallel_size": 4}),
                          ("fsdp", {"phantom_parallel_size": 2, "data_parallel": "fsdp"})):
         L.seed_everything(0, verbose=False)
-        trainer, model = _trainer(4, STEPS, ghosts=1, **layout), Blocks(row_norms=name == "ddp")
+        trainer, model = _trainer(4, STEPS, ghosts=1, **layout), Blocks()
         trainer.fit(model, loader())
         trainer.save_checkpoint(f"{tmp}/{name}.ckpt")
         out[name] = probe(model)
@@ -119,18 +126,22 @@ class Probe(Callback):
         self.loaded = probe(pl_module)  # right after loading: what the checkpoint computes
 
 
-def resume(path: str, devices: int, row_norms: bool = True, **strategy) -> dict:
+def resume(path: str, devices: int, **strategy) -> dict:
     L.seed_everything(0, verbose=False)
     looked = Probe()
-    trainer, model = _trainer(devices, STEPS + MORE, [looked], **strategy), Blocks(row_norms)
+    trainer, model = _trainer(devices, STEPS + MORE, [looked], **strategy), Blocks()
     trainer.fit(model, loader(), ckpt_path=path)
     return {"loaded": looked.loaded, "after": probe(model), "step": trainer.global_step,
             "losses": model.losses, "layout": str(trainer.strategy.layout)}
 
 
 def resume_each(tmp: str, ghosts: dict) -> dict:
-    return {"ddp": resume(f"{tmp}/ddp-p2.ckpt", 2, phantom_parallel_size=2, ghosts=ghosts["net"]),
-            "fsdp": resume(f"{tmp}/fsdp-p1.ckpt", 2, False, phantom_parallel_size=1, data_parallel="fsdp")}
+    return {"ddp": resume(f"{tmp}/ddp-p2.ckpt", 2, phantom_parallel_size=2, ghosts=ghosts),
+            "fsdp": resume(f"{tmp}/fsdp-p1.ckpt", 2, phantom_parallel_size=1, data_parallel="fsdp")}
+
+
+def _ghosts(k: int) -> dict:
+    return {"net": [k, k], "encoder": [k] * 8}  # one per phantom layer: the FFN's 2, the stack's 4 per block
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +149,8 @@ def resharded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reshard")
     saved = run_ranks(4, train_and_save, str(tmp), timeout=300)[0]
     ghosts = lp.reshard_checkpoint(tmp / "ddp.ckpt", tmp / "ddp-p2.ckpt", 2)
-    assert lp.reshard_checkpoint(tmp / "fsdp.ckpt", tmp / "fsdp-p1.ckpt", 2) == {"net": [2, 2]}
-    assert lp.reshard_checkpoint(tmp / "ddp.ckpt", tmp / "ddp-p1.ckpt", 4) == {"net": [4, 4]}
+    assert lp.reshard_checkpoint(tmp / "fsdp.ckpt", tmp / "fsdp-p1.ckpt", 2) == _ghosts(2)
+    assert lp.reshard_checkpoint(tmp / "ddp.ckpt", tmp / "ddp-p1.ckpt", 4) == _ghosts(4)
     return tmp, saved, ghosts, run_ranks(2, resume_each, str(tmp), ghosts, timeout=300)
 
 
@@ -154,9 +165,9 @@ def _continued(run: dict, layout: str) -> None:
     assert not torch.allclose(run["after"]["eval"], run["loaded"]["eval"])  # the weights moved
 
 
-def test_nested_ffn_with_norms_and_dropout_reshards_from_4_to_2_ranks_and_resumes(resharded):
+def test_nested_ffn_and_stack_reshard_from_4_to_2_ranks_and_resume(resharded):
     _, saved, ghosts, resumed = resharded
-    assert ghosts == {"net": [2, 2]}  # 2 old ranks' ghosts each: k' = m·k
+    assert ghosts == _ghosts(2)  # 2 old ranks' ghosts each: k' = m·k; passed as they are to resume
     for rank in resumed:
         _same(rank["ddp"]["loaded"], saved["ddp"])
         _continued(rank["ddp"], "data(1) × phantom(2) = 2 ranks")
@@ -220,38 +231,106 @@ def test_record_is_plain_data_and_rebuilds_every_key_for_any_rank_and_size(tmp_p
             shard = architecture.build(record, (rank, p))
             assert set(shard.state_dict()) == dense_keys | (compressors if p > 1 else set())
             assert architecture.describe(shard) == record
-    with pytest.raises(ValueError, match="'kind' among \\['PhantomFFN'\\], got 'Nope'"):
+    assert architecture.record_ghosts(record) == [1, 1]  # the PhantomFFN's ghosts
+    kinds = r"\['PhantomFFN', 'PhantomTransformerEncoder'\]"
+    with pytest.raises(ValueError, match=rf"'kind' among {kinds}, got 'Nope'"):
         architecture.build({"kind": "Nope"}, (0, 2))
     with pytest.raises(TypeError, match=r"PhantomFFN.layers\[0\].dtype is dtype .*plain data only"):
         architecture._check_plain({"layers": [{"dtype": torch.float32}]}, "PhantomFFN")
 
 
-def test_reshard_tensors_keeps_shard_keys_and_the_function():
-    """4 → 2 in the checkpoint's keys, then each side merged to one shard: the same dense model."""
-    record = architecture.describe(lp.to_phantom(blocks(), 1, init="random"))
-    shards = _random_shards(record, 4)
-    saved = {"head.weight": torch.randn(3, 4)}  # a replicated module outside the FFN
-    for rank, shard in enumerate(shards):  # as PhantomStrategy names them in a checkpoint
-        keys = shard_keys(shard, rank, 4)
-        saved.update({f"ffn.{keys.get(k, k)}": t for k, t in shard.state_dict().items()})
+def phantom_stack(rank: int, p: int, activation=nn.GELU(approximate="tanh")) -> lp.PhantomTransformerEncoder:
+    """Shard (rank, p) of a stack built directly, on meta: always causal, pre-norm, no bias, its own eps,
+    a tanh GELU module, other ghosts per phantom layer, a final RMSNorm."""
+    layer = lp.PhantomTransformerEncoderLayer(D, HEADS, FF, 0.2, activation, 1e-6, batch_first=True,
+                                              norm_first=True, bias=False, ghosts=[1, 2, 3, 4], causal=True,
+                                              shard=(rank, p), device="meta")
+    return lp.PhantomTransformerEncoder(layer, 2, PhantomRMSNorm(D, shard=(rank, p), device="meta"))
 
-    out, records, ghosts = reshard_tensors(saved, {"ffn": record}, 4, 2)
-    assert ghosts == {"ffn": [2, 2]} and records["ffn"]["layers"][5]["ghosts"] == 2
+
+def test_stack_record_is_plain_data_and_rebuilds_each_shard_for_any_rank_and_size(tmp_path):
+    record = architecture.describe(phantom_stack(0, 4))
+    torch.save(record, tmp_path / "record.pt")
+    assert torch.load(tmp_path / "record.pt", weights_only=True) == record  # no classes, no pickled objects
+    assert record["dense_type"] == "torch.nn.modules.transformer.TransformerEncoder"
+    assert record["layers"][1]["activation"] == {"module": "GELU", "config": {"approximate": "tanh"}}
+    assert architecture.record_ghosts(record) == [1, 2, 3, 4] * 2  # the stack's ghosts, in its order
+    for p in (1, 2, 4):
+        for rank in range(p):
+            shard, built = phantom_stack(rank, p), architecture.build(record, (rank, p))
+            assert {k: t.shape for k, t in built.state_dict().items()} == {
+                k: t.shape for k, t in shard.state_dict().items()}
+            assert architecture.describe(built) == record  # every setting back, whatever the rank and size
+            assert built.dense_type is nn.TransformerEncoder
+            assert built.layers[0].dense_type is nn.TransformerEncoderLayer
+    relu = architecture.describe(phantom_stack(0, 2, activation="relu"))  # F.relu, as torch's layer takes it
+    assert relu["layers"][0]["activation"] == {"function": "relu"}
+    assert architecture.build(relu, (1, 2)).layers[0].activation is F.relu
+
+    class OwnGELU(nn.GELU):  # its forward may differ: recorded by name, not rebuilt as a GELU
+        pass
+
+    own = architecture.describe(phantom_stack(0, 2, activation=OwnGELU()))
+    with pytest.raises(ValueError, match=r"layers.0's activation is '.*OwnGELU', which a checkpoint record "
+                                         r"cannot rebuild.*merge it in memory with lightning_phantom"):
+        architecture.build(own, (0, 2))
+    odd = phantom_stack(0, 2)
+    odd.dense_config = {"dtype": torch.float64}  # a registered kind's reader may return such settings
+    assert architecture.describe(odd)["dense_config"] is None  # saved all the same
+    with pytest.raises(ValueError, match=r"settings of this .*TransformerEncoder \(its StackParts.config\) "
+                                         r"are not plain data, so a checkpoint record cannot rebuild it"):
+        architecture.build(architecture.describe(odd), (0, 2))
+    with pytest.raises(ValueError, match=r"my.Encoder is not a registered dense kind \(torch.nn.modules."
+                                         r"transformer.TransformerEncoder\). Import the module that"):
+        architecture.build({**record, "dense_type": "my.Encoder"}, (0, 2))
+
+
+def test_every_elementwise_activation_module_is_recorded_with_its_settings():
+    odd = {nn.GELU: {"approximate": "tanh"}, nn.LeakyReLU: {"negative_slope": 0.3}, nn.ELU: {"alpha": 0.5},
+           nn.Softplus: {"beta": 2.0, "threshold": 5.0}, nn.Hardtanh: {"min_val": -0.5, "max_val": 2.0},
+           nn.PReLU: {"init": 0.1}, nn.Dropout: {"p": 0.3}}
+    for cls in ELEMENTWISE:
+        module = cls(**odd.get(cls, {}))
+        rebuilt = build_activation(activation_record(module), "activation")
+        assert type(rebuilt) is cls and {k: v for k, v in vars(rebuilt).items() if not k.startswith("_")} == {
+            k: v for k, v in vars(module).items() if not k.startswith("_")}, cls
+
+
+def test_reshard_tensors_keeps_shard_keys_and_the_function():
+    """An FFN and a stack, 4 → 2 in the checkpoint's keys, then each side merged to one shard: the same
+    dense modules."""
+    records = {"ffn": architecture.describe(lp.to_phantom(blocks(), 1, init="random")),
+               "encoder": architecture.describe(phantom_stack(0, 4))}
+    shards = {name: _random_shards(record, 4) for name, record in records.items()}
+    saved = {"head.weight": torch.randn(3, 4)}  # a replicated module outside the FFN
+    for name, per_rank in shards.items():
+        for rank, shard in enumerate(per_rank):  # as PhantomStrategy names them in a checkpoint
+            keys = shard_keys(shard, rank, 4)
+            saved.update({f"{name}.{keys.get(k, k)}": t for k, t in shard.state_dict().items()})
+
+    out, new_records, ghosts = reshard_tensors(saved, records, 4, 2)
+    assert ghosts == {"ffn": [2, 2], "encoder": [2, 4, 6, 8] * 2}
+    assert [architecture.record_ghosts(r) for r in new_records.values()] == list(ghosts.values())
     assert torch.equal(out["head.weight"], saved["head.weight"]) and "ffn.4.bias" in out
     assert not any(k.endswith("/4") for k in out)
-    rebuilt = []
-    for rank in range(2):
-        shard = architecture.build(records["ffn"], (rank, 2))
-        keys = shard_keys(shard, rank, 2)
-        shard.load_state_dict({k: out[f"ffn.{keys.get(k, k)}"] for k in shard.state_dict()}, assign=True)
-        rebuilt.append(shard)
-    assert {k for k in out if "|phantom" in k} == {f"ffn.{k}" for r, s in enumerate(rebuilt)
-                                                  for k in shard_keys(s, r, 2).values()}
-    before, after = lp.merge_shards(shards, 4)[0].state_dict(), lp.merge_shards(rebuilt, 2)[0].state_dict()
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        torch.testing.assert_close(after[key], value, rtol=1e-12, atol=1e-12, msg=key)
+    for name in records:
+        rebuilt = []
+        for rank in range(2):
+            shard = architecture.build(new_records[name], (rank, 2))
+            keys = shard_keys(shard, rank, 2)
+            tensors = {k: out[f"{name}.{keys.get(k, k)}"] for k in shard.state_dict()}
+            shard.load_state_dict(tensors, assign=True)
+            rebuilt.append(shard)
+        assert {k for k in out if "|phantom" in k and k.startswith(f"{name}.")} == {
+            f"{name}.{k}" for r, s in enumerate(rebuilt) for k in shard_keys(s, r, 2).values()}
+        before = lp.merge_shards(shards[name], 4)[0].state_dict()
+        after = lp.merge_shards(rebuilt, 2)[0].state_dict()
+        assert before.keys() == after.keys()
+        for key, value in before.items():
+            torch.testing.assert_close(after[key], value, rtol=1e-12, atol=1e-12, msg=f"{name}.{key}")
 
+    record = records["ffn"]
+    saved = {k: v for k, v in saved.items() if not k.startswith("encoder.")}
     with pytest.raises(ValueError, match=r"\['other.weight\|phantom0/4'\] are shards of a module that is "
                                          r"not a recorded phantom module \(recorded: \['ffn'\]\)"):
         reshard_tensors({**saved, "other.weight|phantom0/4": torch.ones(1)}, {"ffn": record}, 4, 2)

@@ -9,6 +9,7 @@ from lightning_phantom.nn.layers import (
 )
 from lightning_phantom.nn.norms import PhantomBatchNorm1d, PhantomLayerNorm, PhantomRMSNorm
 from lightning_phantom.nn.transformer import PhantomTransformerEncoder, PhantomTransformerEncoderLayer
+from lightning_phantom.nn import transformer_architecture  # noqa: F401 - registers stacks' records
 
 __all__ = [
     "ColumnParallelLinear", "PhantomFFN", "PhantomLinear", "RowParallelLinear", "set_group", "sharded_buffers",

@@ -15,9 +15,9 @@ The protocol is a registry, one entry per kind of top-level phantom module:
   (``load_state_dict(..., assign=True)``), whose dtype they keep.
 
 The shard's state-dict keys must be those of the described module's. ``PhantomFFN`` is
-registered here; another kind registers itself with ``register`` at the end of its own module,
-and ``lightning_phantom.nn`` imports that module, so that the registry is complete wherever the
-package is imported.
+registered here; another kind registers itself with ``register`` at the end of its own module
+(``nn/transformer_architecture.py``: ``PhantomTransformerEncoder``), and ``lightning_phantom.nn``
+imports that module, so that the registry is complete wherever the package is imported.
 """
 
 from __future__ import annotations
@@ -95,6 +95,26 @@ def describe_modules(root: nn.Module) -> dict[str, Record]:
     return out
 
 
+def record_ghosts(record: Any) -> list[int]:
+    """The ghosts of every phantom layer ``record`` describes, in the module's order: its ``ghosts``, what
+    ``PhantomStrategy(ghosts={name: ...})`` takes for it."""
+    if isinstance(record, dict):
+        own = [record["ghosts"]] if record.get("kind") == "phantom" else []
+        return own + [k for value in record.values() for k in record_ghosts(value)]
+    if isinstance(record, list):
+        return [k for value in record for k in record_ghosts(value)]
+    return []
+
+
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` may stand in a record as it is (see ``_check_plain``)."""
+    try:
+        _check_plain(value, "")
+    except TypeError:
+        return False
+    return True
+
+
 def _check_plain(value: Any, where: str) -> None:
     """A record holds only what ``torch.load(weights_only=True)`` reads: no classes, dtypes or tensors."""
     if isinstance(value, dict):
@@ -113,9 +133,10 @@ def _check_plain(value: Any, where: str) -> None:
 _NORMS_BY_NAME = {cls.__name__: cls for cls in PHANTOM_NORMS.values()}
 
 
-def _layer_record(layer: nn.Module) -> Record:
-    """One leaf of a PhantomFFN; what holds no sharded tensor is a placeholder (its tensors, if any,
-    are replicated and stored under their own keys: nothing to merge)."""
+def layer_record(layer: nn.Module) -> Record:
+    """One leaf of a PhantomFFN (or a linear or norm of a transformer stack); what holds no sharded
+    tensor is a placeholder (its tensors, if any, are replicated and stored under their own keys:
+    nothing to merge)."""
     if isinstance(layer, PhantomLinear):
         return {"kind": "phantom", "in_features": layer.in_features, "out_features": layer.out_features,
                 "ghosts": layer.ghosts, "bias": layer.bias is not None, "overlap": layer.overlap}
@@ -133,7 +154,7 @@ def _layer_record(layer: nn.Module) -> Record:
     return {"kind": "placeholder"}  # rebuilt as nn.Identity
 
 
-def _build_layer(entry: Record, info: GroupInfo) -> nn.Module:
+def build_layer(entry: Record, info: GroupInfo) -> nn.Module:
     kind, meta = entry.get("kind"), {"device": "meta"}
     if kind == "phantom":
         return PhantomLinear(entry["in_features"], entry["out_features"], entry["ghosts"], bias=entry["bias"],
@@ -153,7 +174,7 @@ def _build_layer(entry: Record, info: GroupInfo) -> nn.Module:
 
 def describe_ffn(ffn: nn.Module) -> Record:
     """Every leaf of ``ffn`` by its state-dict path (``"1.0"``, ``"block.fc"``: nested blocks flattened)."""
-    return {"layers": [{"path": path, **_layer_record(layer)} for path, layer in leaf_layers(ffn)]}
+    return {"layers": [{"path": path, **layer_record(layer)} for path, layer in leaf_layers(ffn)]}
 
 
 def build_ffn(record: Record, info: GroupInfo) -> PhantomFFN:
@@ -164,7 +185,7 @@ def build_ffn(record: Record, info: GroupInfo) -> PhantomFFN:
         node = tree
         for block in blocks:
             node = node.setdefault(block, OrderedDict())
-        node[name] = _build_layer(entry, info)
+        node[name] = build_layer(entry, info)
 
     def sequential(node: OrderedDict, top: bool = False) -> nn.Sequential:
         children = OrderedDict((k, sequential(v) if isinstance(v, OrderedDict) else v)

@@ -11,7 +11,10 @@ separate q/k/v/out ``nn.Linear`` s, say: its reader concatenates [W_q; W_k; W_v]
 
 Kinds are looked up by exact class: a subclass may change ``forward``, so it is converted only
 once it is registered itself. A reader refuses what it cannot convert with a ``ValueError``
-that names the module and the reason.
+that names the module and the reason. A record of a phantom stack
+(``nn/transformer_architecture.py``) names its kinds by ``kind_name`` and holds the stack's
+``StackParts.config``, which must therefore be plain data (str, int, float, bool, None, lists
+and dicts of them).
 """
 
 from __future__ import annotations
@@ -127,6 +130,21 @@ def register_dense_block(kind: DenseBlockKind) -> DenseBlockKind:
 def register_dense_stack(kind: DenseStackKind) -> DenseStackKind:
     DENSE_STACKS[kind.type] = kind
     return kind
+
+
+def kind_name(cls: type) -> str:
+    """The name a dense kind goes by in plain-data records (checkpoints): its class's module and qualname."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def registered(name: str, registry: dict[type, Any]) -> type:
+    """The class in ``registry`` (``DENSE_BLOCKS``, ``DENSE_STACKS``) whose ``kind_name`` is ``name``."""
+    found = next((cls for cls in registry if kind_name(cls) == name), None)
+    if found is None:
+        raise ValueError(f"{name} is not a registered dense kind ({', '.join(map(kind_name, registry))}). "
+                         "Import the module that registers it (register_dense_block / register_dense_stack) "
+                         "first.")
+    return found
 
 
 def read_block(module: nn.Module, name: str) -> BlockParts:

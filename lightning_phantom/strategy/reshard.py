@@ -1,4 +1,4 @@
-"""Re-sharding a checkpoint to smaller phantom groups, exactly (docs/operator.md §7).
+"""Re-sharding a checkpoint to smaller phantom groups, exactly (docs/operator.md §7, §10.7).
 
 ``reshard_checkpoint`` turns a checkpoint of phantom groups of p ranks into one for p/m
 ranks with ``merge_shards``: the model computes exactly the same function, so a job that
@@ -34,9 +34,10 @@ PathLike = Union[str, os.PathLike]
 def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, Any]:
     """Write ``dst``: the checkpoint ``src`` of phantom groups of p ranks, re-sharded for p/``merge``.
 
-    Every phantom module (a ``PhantomFFN``: with norms, dropout and nested blocks) is merged
-    exactly with ``merge_shards`` (rank r of the new group holds old ranks r·merge …
-    r·merge+merge−1; its ghosts become merge·k), so right after loading the model computes the
+    Every phantom module (a ``PhantomFFN``, with norms, dropout and nested blocks, or a
+    ``PhantomTransformerEncoder``) is merged exactly with ``merge_shards`` (rank r of the new
+    group holds old ranks r·merge … r·merge+merge−1; its ghosts become merge·k), so right after
+    loading the model computes the
     same outputs as when ``src`` was saved. Replicated tensors, the loop and scheduler state, the
     step and the epoch are kept: ``Trainer.fit(ckpt_path=dst)`` with
     ``PhantomStrategy(phantom_parallel_size=p/merge, ghosts=<returned value>)`` continues the
@@ -44,8 +45,8 @@ def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, An
     history is not a function of its parts' — and is dropped: the optimizer restarts.
 
     Run it on one process (it uses no process group). Returns the ghosts of each phantom module
-    in ``dst``, by module name (for a PhantomFFN, one per phantom layer: pass them as ``ghosts=``;
-    irrelevant when p/merge = 1).
+    in ``dst``, by module name, one per phantom layer (a stack's four per block): pass the mapping
+    as ``ghosts=`` (irrelevant when p/merge = 1).
     """
 
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
