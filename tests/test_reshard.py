@@ -8,6 +8,8 @@ dropout, a final RMSNorm) between replicated Linear layers, is trained under
 data(2) × phantom(2) with ``"fsdp"`` — and checkpointed. Each checkpoint is re-sharded and
 resumed on fewer ranks: the resumed model computes what the saved one did (eval, and training
 mode from the same RNG state: dropout masks and batch statistics), and training goes on.
+Resuming with other ghosts than the re-sharded checkpoint's is refused on every rank with the
+ghosts to pass.
 
 The replicas see the same rows (no distributed sampler), so that their BatchNorm running
 statistics agree and the one copy a checkpoint keeps is the copy the saved outputs were computed
@@ -17,6 +19,7 @@ with (issue 23, item 4).
 from __future__ import annotations
 
 import shutil
+import time
 from collections import OrderedDict
 
 import lightning as L
@@ -135,9 +138,19 @@ def resume(path: str, devices: int, **strategy) -> dict:
             "losses": model.losses, "layout": str(trainer.strategy.layout)}
 
 
+def refused(path: str, **strategy) -> tuple:
+    start = time.monotonic()
+    try:
+        resume(path, 2, **strategy)
+    except BaseException as error:  # noqa: BLE001 - the test checks its type (DCP's is no Exception)
+        return type(error).__name__, str(error), time.monotonic() - start
+    return "loaded"
+
+
 def resume_each(tmp: str, ghosts: dict) -> dict:
     return {"ddp": resume(f"{tmp}/ddp-p2.ckpt", 2, phantom_parallel_size=2, ghosts=ghosts),
-            "fsdp": resume(f"{tmp}/fsdp-p1.ckpt", 2, phantom_parallel_size=1, data_parallel="fsdp")}
+            "fsdp": resume(f"{tmp}/fsdp-p1.ckpt", 2, phantom_parallel_size=1, data_parallel="fsdp"),
+            "wrong ghosts": refused(f"{tmp}/ddp-p2.ckpt", phantom_parallel_size=2, ghosts=1)}
 
 
 def _ghosts(k: int) -> dict:
@@ -171,6 +184,18 @@ def test_nested_ffn_and_stack_reshard_from_4_to_2_ranks_and_resume(resharded):
     for rank in resumed:
         _same(rank["ddp"]["loaded"], saved["ddp"])
         _continued(rank["ddp"], "data(1) × phantom(2) = 2 ranks")
+
+
+def test_resuming_with_other_ghosts_is_refused_on_every_rank_with_the_ghosts_to_pass(resharded):
+    tmp, _, _, resumed = resharded
+    for rank in resumed:
+        kind, message, seconds = rank["wrong ghosts"]
+        assert kind == "ValueError" and seconds < 10, (kind, message, seconds)
+        assert message.startswith(
+            f"{str(tmp / 'ddp-p2.ckpt')!r} was saved with other ghosts than this run builds: net has [2, 2] "
+            "in the checkpoint and [1, 1] here; encoder has [2, 2, 2, 2, 2, 2, 2, 2] in the checkpoint and "
+            "[1, 1, 1, 1, 1, 1, 1, 1] here"), message
+        assert f"Resume with PhantomStrategy(ghosts={_ghosts(2)!r})" in message
 
 
 def test_fsdp_checkpoint_reshards_and_resumes(resharded):

@@ -8,8 +8,8 @@ once. Optimizer state is keyed the same way (``optimizer_0::net.2.compress|phant
 What is not a tensor goes to ``meta.pt`` (read with ``weights_only=True``) under
 ``"phantom"``, with the format version, the layout, the non-tensor entries, every rank's
 torch RNG states (``rng``, restored on load) and a record of each phantom module's structure
-(``nn.architecture``, for ``reshard_checkpoint``). Writing goes
-through ``storage`` (staging directory, atomic publish).
+(``nn.architecture``, for ``reshard_checkpoint``; on load, its ghosts are compared with the
+model's, ``check_ghosts``). Writing goes through ``storage`` (staging directory, atomic publish).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_phantom.nn.architecture import describe_modules
+from lightning_phantom.nn.architecture import describe_modules, record_ghosts
 from lightning_phantom.nn.layers import sharded_buffers, sharded_parameters
 from lightning_phantom.strategy.agreement import agree
 from lightning_phantom.strategy.storage import (
@@ -258,6 +258,7 @@ def _plan_load(strategy: CheckpointingStrategy, path: Path, weights_only: bool):
             f"{info['phantom_parallel']}, or re-shard the checkpoint with lightning_phantom.reshard_checkpoint."
         )
     module = strategy.lightning_module
+    check_ghosts(path, info.get("architecture"), module, layout.phantom)
     stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     keys = strategy.shard_keys()
     # The module's own tensors are the targets: DCP loads into them in place.
@@ -293,6 +294,28 @@ def _plan_load(strategy: CheckpointingStrategy, path: Path, weights_only: bool):
         restore_rng(info.get("rng"), dist.get_rank(), dist.get_world_size())
 
     return path, metadata, info, targets, finish
+
+
+def check_ghosts(path: Path, saved: Optional[dict[str, dict]], module: nn.Module, p: int) -> None:
+    """A ValueError if a phantom module the checkpoint records has other ghosts in ``module``: what to pass.
+
+    Its compressors would have other shapes, and DCP would stop with "Size mismatch between saved [2, 4]
+    and current [4, 4]", which does not say what to do (a checkpoint ``reshard_checkpoint`` wrote has
+    merge·k ghosts). On groups of one there are no compressors: any ghosts load.
+    """
+    if not saved or p == 1:
+        return
+    here = {name: record_ghosts(record) for name, record in describe_modules(module).items()}
+    wanted = {name: record_ghosts(record) for name, record in saved.items() if name in here}
+    # Another number of phantom layers is another model: the key check names what differs.
+    differ = [name for name, k in wanted.items() if k != here[name] and len(k) == len(here[name])]
+    if differ:
+        raise ValueError(
+            f"{str(path)!r} was saved with other ghosts than this run builds: "
+            + "; ".join(f"{n} has {wanted[n]} in the checkpoint and {here[n]} here" for n in differ)
+            + " (one per phantom layer), so its compressors cannot be loaded. Resume with "
+            f"PhantomStrategy(ghosts={wanted!r}) (what reshard_checkpoint returned for a re-sharded "
+            "checkpoint), or with an explicit plan=, give these modules those 'ghosts'.")
 
 
 def rng_states() -> dict[str, Tensor]:

@@ -46,7 +46,7 @@ def reshard_checkpoint(src: PathLike, dst: PathLike, merge: int) -> dict[str, An
 
     Run it on one process (it uses no process group). Returns the ghosts of each phantom module
     in ``dst``, by module name, one per phantom layer (a stack's four per block): pass the mapping
-    as ``ghosts=`` (irrelevant when p/merge = 1).
+    as ``ghosts=`` (irrelevant when p/merge = 1). Loading refuses other ghosts, saying these.
     """
 
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
