@@ -395,6 +395,10 @@ class LocalFlopCounterMode(FlopCounterMode):
     * In-place matmuls: ``addmm_`` and ``baddbmm_`` have no formula in torch's registry
       (torch 2.13) and count 0; the phantom operator accumulates decompressed ghosts with
       ``addmm_``, so they get the formulas of ``addmm`` and ``baddbmm`` here.
+    * Attention on CPU: ``F.scaled_dot_product_attention`` runs
+      ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), which torch's registry
+      does not know (torch 2.13): they get the formulas of the CUDA flash kernel, the same
+      products (forward QKᵀ and PV; backward the scores recomputed and four products).
     * Otherwise, on plain tensors, it counts exactly what ``FlopCounterMode`` does.
     """
 
@@ -406,8 +410,11 @@ class LocalFlopCounterMode(FlopCounterMode):
             )
         aten = torch.ops.aten
         # The registry holds shape-wrapped formulas; custom_mapping wraps again, so pass the raw one.
-        mapping = {inplace: flop_registry[base].__wrapped__
-                   for inplace, base in ((aten.addmm_, aten.addmm), (aten.baddbmm_, aten.baddbmm))}
+        same = ((aten.addmm_, aten.addmm), (aten.baddbmm_, aten.baddbmm),
+                (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention),
+                (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                 aten._scaled_dot_product_flash_attention_backward))
+        mapping = {op: flop_registry[base].__wrapped__ for op, base in same}
         mapping.update(custom_mapping or {})
         super().__init__(mods=mods, depth=depth, display=display, custom_mapping=mapping)
 
