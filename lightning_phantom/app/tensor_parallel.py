@@ -151,9 +151,8 @@ def parallelize_gpt(gpt, tp_mesh, head: str = "replicated"):
     if head not in GPT_HEADS:
         raise ValueError(f"head must be one of {GPT_HEADS}, got {head!r}")
     p = tp_mesh.size()
-    hidden = gpt.mlp_ratio * gpt.width
-    for name, value in (("heads", gpt.heads), ("width", gpt.width), ("mlp_ratio * width", hidden)) + (
-            (("vocab", gpt.vocab),) if head == "vocab_parallel" else ()):
+    # Heads divisible by p make the width (heads × head_dim) and the MLP width (a multiple of it) so.
+    for name, value in (("heads", gpt.heads),) + ((("vocab", gpt.vocab),) if head == "vocab_parallel" else ()):
         if value % p:
             raise ValueError(f"the GPT's {name} = {value} is not divisible by the tensor-parallel size {p}: every "
                              f"rank computes {name}/{p} of them. Choose a multiple of {p}.")
