@@ -141,3 +141,38 @@ def test_cost_model_refuses_what_tp_cannot_split():
     with pytest.raises(ValueError, match="seq 9 is longer than the GPT's context 8"):
         gpt_cost(shape, 1, 9)
     assert math.isclose(gpt_cost(shape, 1, 8, p=2).sent_bytes, 4 * 8 * 8 * 4)  # 4 all-reduces, ring 2(p-1)/p = 1
+
+
+def _block_benchmark(argv: list[str]) -> list[dict]:
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import transformer
+
+    args = transformer.parse_args(argv)
+    return [transformer.summarise(w, transformer.measure(w, args), args, dist.get_world_size()) for w in args.widths]
+
+
+def test_transformer_benchmark_times_every_case_and_counts_what_the_model_says():
+    """benchmarks/transformer.py's measurement on 2 ranks, tiny: every case timed, TP's bytes and
+    multiply-adds (and the dense block's) equal cost.gpt's tp_block_cost."""
+    import sys
+    from pathlib import Path
+
+    argv = ["--widths", "32", "--heads", "4", "--seq", "8", "--batch", "2", "--reps", "1", "--warmup", "0"]
+    row, = run_ranks(2, _block_benchmark, argv)[0]
+    assert row["counts_match_model"] and row["TP_sent_bytes"] == 4 * 2 * 8 * 32 * 4  # 4 all-reduces, ring = 1
+    assert row["flop_ratio_tp_dense"] == 0.5
+    for side in ("TP", "dense", "scores"):
+        for mode in ("train", "forward"):
+            assert row[f"{side}_{mode}_ms"] > 0 and row[f"{side}_{mode}_cpu_ms"] >= 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import transformer
+
+    assert "counted = model" in transformer.report([row], transformer.parse_args(argv))
+    for bad in (["--heads", "3"], ["--widths", "100"], ["--p", "1"]):
+        with pytest.raises(SystemExit):
+            transformer.parse_args(bad)

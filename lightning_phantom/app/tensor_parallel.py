@@ -13,6 +13,9 @@ DTensor issues). With an odd number of Linear layers the last one is
 ``ColwiseParallel(output_layouts=Replicate())``, which all-gathers its output: either
 way every rank ends with the full output, as with ``PhantomFFN``, so the two are
 compared on the same model, data and loss code.
+
+``parallelize_gpt`` (``parallelize_block`` per block) does the same for the GPT of
+``lightning_phantom.app.gpt`` with torchtitan's plan: the model file knows nothing of it.
 """
 
 from __future__ import annotations
@@ -127,9 +130,9 @@ def parallelize_gpt(gpt, tp_mesh, head: str = "replicated"):
 
     torchtitan's plan without sequence parallelism: per block, colwise ``q``, ``k``, ``v`` and
     ``fc1`` (each rank computes its h/p heads and f/p hidden neurons), rowwise ``out`` and ``fc2``
-    (one all-reduce of rows·d each, forward); embeddings and norms replicated, so the residual
-    stream is whole on every rank (``replicate_module``). The attention's input is made a replicated DTensor once
-    (``PrepareModuleInput``) before ``q``, ``k`` and ``v`` read it: their three partial input
+    (one all-reduce of rows·d each, forward); embeddings and norms replicated (``replicate_module``),
+    so the residual stream is whole on every rank. The attention's input is made a replicated
+    DTensor once (``PrepareModuleInput``) before ``q``, ``k`` and ``v`` read it: their three partial input
     gradients are summed as DTensors and all-reduced once in backward, as Megatron's fused QKV
     does, instead of once per projection. A block thus sends 2 all-reduces of rows·d forward and 2
     backward (``lightning_phantom.cost.gpt``).
@@ -141,9 +144,8 @@ def parallelize_gpt(gpt, tp_mesh, head: str = "replicated"):
     backward and the loss's own reductions).
     """
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     if not isinstance(tp_mesh, DeviceMesh) or tp_mesh.ndim != 1:
         raise TypeError(f"tp_mesh must be a 1-D torch.distributed DeviceMesh, got {tp_mesh!r}; pass "
@@ -156,16 +158,8 @@ def parallelize_gpt(gpt, tp_mesh, head: str = "replicated"):
         if value % p:
             raise ValueError(f"the GPT's {name} = {value} is not divisible by the tensor-parallel size {p}: every "
                              f"rank computes {name}/{p} of them. Choose a multiple of {p}.")
-    block_plan = {
-        "attn": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)),
-        "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
-        "attn.out": RowwiseParallel(),
-        "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel(),
-    }
     for block in gpt.blocks:
-        parallelize_module(block, tp_mesh, block_plan)
-        replicate_module(block.ln1, tp_mesh)
-        replicate_module(block.ln2, tp_mesh)
+        parallelize_block(block, tp_mesh)
     for module in (gpt.tok, gpt.pos, gpt.ln_f):
         replicate_module(module, tp_mesh)
     if head == "vocab_parallel":
@@ -173,3 +167,21 @@ def parallelize_gpt(gpt, tp_mesh, head: str = "replicated"):
     else:
         replicate_module(gpt.head, tp_mesh)
     return gpt
+
+
+def parallelize_block(block, tp_mesh):
+    """One ``app/gpt.py`` ``Block`` laid out as ``parallelize_gpt`` lays out each (see there), in place.
+    Its input and output are the whole residual stream, a plain tensor on every rank."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   parallelize_module)
+
+    parallelize_module(block, tp_mesh, {
+        "attn": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)),
+        "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+        "attn.out": RowwiseParallel(),
+        "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel(),
+    })
+    replicate_module(block.ln1, tp_mesh)
+    replicate_module(block.ln2, tp_mesh)
+    return block

@@ -29,7 +29,7 @@ and element-wise work) and, replicated, no collective.
 
 The TP block here is the provisional one until the transformer cost model
 (``cost/transformer.py``, phantom and TP blocks) lands; ``gpt_cost`` takes its block from
-``_tp_block`` alone, so that swapping it, and adding the phantom GPT, stays local.
+``tp_block_cost`` alone, so that swapping it, and adding the phantom GPT, stays local.
 """
 
 from __future__ import annotations
@@ -105,9 +105,10 @@ def _part(kind: str, n_in: int, n_out: int, params: int, macs_fwd: int = 0, macs
                      sent_bytes_fwd=sent(fwd), sent_bytes_bwd=sent(bwd), collectives_fwd=fwd, collectives_bwd=bwd)
 
 
-def _tp_block(shape: GPTShape, p: int, batch: int, seq: int, e: int) -> LayerCost:
-    """One pre-norm block, Megatron TP over p ranks (p = 1: dense); see the module's table."""
-    d, f, rows = shape.width, shape.hidden, batch * seq
+def tp_block_cost(width: int, hidden: int, p: int, batch: int, seq: int, element_size: int = 4) -> LayerCost:
+    """One pre-norm block (``app/gpt.py``'s ``Block``), Megatron TP over p ranks (p = 1: dense), one
+    training step on ``batch`` sequences of ``seq`` tokens; see the module's table."""
+    d, f, rows, e = width, hidden, batch * seq, element_size
     linears = rows * (4 * d * d + 2 * d * f) // p
     scores = rows * seq * d // p  # one of the two products QKᵀ, PV
     params = (4 * d * d + 2 * d * f) // p + (3 * d + f) // p + 2 * d + 4 * d  # colwise biases split; rowwise
@@ -133,7 +134,7 @@ def gpt_cost(shape: GPTShape, batch: int, seq: int, p: int = 1, head: str = "rep
                              "the ranks")
     d, V, rows = shape.width, shape.vocab, batch * seq
     parts = [_part("embedding", V, d, (V + shape.context) * d)]
-    parts += [_tp_block(shape, p, batch, seq, e) for _ in range(shape.layers)]
+    parts += [tp_block_cost(d, shape.hidden, p, batch, seq, e) for _ in range(shape.layers)]
     parts.append(_part("norm", d, d, 2 * d))
     if head == "vocab_parallel" and p > 1:  # colwise over the vocabulary, then loss_parallel's reductions
         head_macs = rows * d * V // p
