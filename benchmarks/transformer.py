@@ -2,6 +2,7 @@
 
     python benchmarks/transformer.py                         # d = 1024 and 2048, p = 2
     python benchmarks/transformer.py --widths 1024 --reps 5 --json
+    python benchmarks/transformer.py --gpt --widths 128 --heads 4 --batch 16 --seq 64 --reps 20
 
 The block is the app's GPT block (``lightning_phantom.app.gpt.Block``: pre-norm, separate q, k, v,
 out, fc1 → GELU → fc2, ``F.scaled_dot_product_attention`` causal), ``--heads`` heads, MLP width
@@ -16,6 +17,10 @@ block, each side:
 * **scores** — the attention scores alone, ``scaled_dot_product_attention`` on the TP rank's
   h/p heads (forward, and forward + backward for the step), to say how much of TP's step they are:
   phantom parallelism, which compresses what crosses between ranks, does not reduce them.
+
+``--gpt`` times the app's whole GPT under TP instead (``parallelize_gpt``, loss and backward as
+``GPTModule`` runs them), with the head replicated against vocab-parallel (``loss_parallel``): the
+measurement behind ``model.tp_head``'s default.
 
 The phantom block (PP) joins as a side of its own when phantom transformer blocks exist; its
 PP/TP ratio is then read against the cost model's FLOP ratio in the same way.
@@ -47,9 +52,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lightning_phantom.app.gpt import Block
-from lightning_phantom.app.tensor_parallel import parallelize_block
+from lightning_phantom.app.tensor_parallel import GPT_HEADS, parallelize_block, parallelize_gpt
 from lightning_phantom.cost.counting import CommCounter, LocalFlopCounterMode
 from lightning_phantom.cost.gpt import tp_block_cost
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as when run as a script, also when imported
+from overheads import join_process_group  # noqa: E402
 
 SIDES = ("TP", "dense", "scores")
 MODES = ("train", "forward")
@@ -69,8 +77,31 @@ class Scores(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def _case(module, loss_of, optimizer) -> dict:
+    """A case's three callables: ``forward`` (no grad), ``pass`` (forward + backward) and ``train``
+    (forward, backward, optimizer step); ``loss_of(module)`` runs forward and returns what to
+    backpropagate (``module.backward`` where the module has its own, as GPTModule does)."""
+    backward = getattr(module, "backward", None) or (lambda loss: loss.backward())
+
+    def forward() -> None:
+        with torch.no_grad():
+            loss_of(module)
+
+    def fwd_bwd() -> None:
+        backward(loss_of(module))
+
+    def train() -> None:
+        fwd_bwd()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return {"forward": forward, "pass": fwd_bwd, "train": train, "module": module}
+
+
 def build(side: str, width: int, args, p: int) -> dict:
-    """A side's module, input (needing grad), output weights and fused AdamW (None without parameters)."""
+    """One side's case (``_case``): the block (TP or dense) or the scores alone, on an input that
+    needs grad, loss ``(out · g).sum()``, fused AdamW."""
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.manual_seed(0)  # the same dense block and data on every rank
@@ -84,47 +115,55 @@ def build(side: str, width: int, args, p: int) -> dict:
     else:
         module = dense
     params = list(module.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     with torch.no_grad():
         g = torch.randn_like(module(x))
-    return {"module": module, "x": x.requires_grad_(), "g": g, "optimizer": optimizer}
+    x.requires_grad_()
+
+    def loss_of(m):
+        x.grad = None
+        return (m(x) * g).sum()
+
+    return _case(module, loss_of, torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None)
+
+
+def build_gpt(head: str, args, p: int) -> dict:
+    """``--gpt``: the app's whole GPT under TP (``parallelize_gpt``) with the head ``head``, its loss
+    and backward as ``GPTModule`` runs them (``loss_parallel`` for a vocab-parallel head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_phantom.app.language_model import GPTModule
+
+    torch.manual_seed(0)
+    module = GPTModule(vocab=256, context=args.seq, width=args.widths[0], layers=args.layers, heads=args.heads,
+                       mlp_ratio=args.mlp_ratio, tp_head=head)
+    parallelize_gpt(module.gpt, init_device_mesh("cpu", (p,)), head)
+    module._vocab_parallel = head == "vocab_parallel"  # what configure_model sets
+    batch = (torch.randint(0, 256, (args.batch, args.seq)), torch.randint(0, 256, (args.batch, args.seq)))
+    return _case(module, lambda m: m._loss(batch), module.configure_optimizers())
 
 
 def step(case: dict, mode: str) -> tuple[float, float]:
     """One training step or forward from a barrier: this rank's wall and CPU seconds."""
-    module, x, g, optimizer = case["module"], case["x"], case["g"], case["optimizer"]
     dist.barrier()
     start, cpu = time.perf_counter(), time.process_time()
-    if mode == "forward":
-        with torch.no_grad():
-            module(x)
-    else:
-        (module(x) * g).sum().backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        x.grad = None
+    case[mode]()
     return time.perf_counter() - start, time.process_time() - cpu
 
 
 def count(case: dict) -> dict:
     """Bytes this rank sends and multiply-adds it runs in one forward + backward."""
     with CommCounter() as comm, LocalFlopCounterMode(display=False) as flops:
-        (case["module"](case["x"]) * case["g"]).sum().backward()
-    case["x"].grad = None
+        case["pass"]()
     case["module"].zero_grad(set_to_none=True)
     return {"sent_bytes": float(comm.sent_bytes), "macs": flops.get_total_flops() // 2}
 
 
-def measure(width: int, args) -> dict:
-    """On every rank: medians (slowest rank) of wall and CPU seconds per side and mode, and TP's counts."""
-    p = dist.get_world_size()
-    cases = {side: build(side, width, args, p) for side in SIDES}
-    counted = {side: count(cases[side]) for side in ("TP", "dense")}
-    keys = [(side, mode) for side in SIDES for mode in MODES]
+def time_cases(cases: dict, args) -> dict:
+    """Every (case, mode) alternating in a rotating order; medians over repetitions of the slowest rank."""
+    keys = [(name, mode) for name in cases for mode in MODES]
     for _ in range(args.warmup):
-        for key in keys:
-            step(cases[key[0]], key[1])
+        for name, mode in keys:
+            step(cases[name], mode)
     times = {key: [] for key in keys}
     for rep in range(args.reps):
         shift = rep % len(keys)  # no case always first, or always after the same neighbour
@@ -135,7 +174,25 @@ def measure(width: int, args) -> dict:
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # per repetition, wall and CPU of the slowest rank
         out[key] = {"wall_s": statistics.median(t[:, 0].tolist()), "cpu_s": statistics.median(t[:, 1].tolist())}
-    return {"times": out, "counted": counted}
+    return out
+
+
+def measure(width: int, args) -> dict:
+    """On every rank: the block's sides timed (``time_cases``), TP's and dense's step counted."""
+    p = dist.get_world_size()
+    cases = {side: build(side, width, args, p) for side in SIDES}
+    counted = {side: count(cases[side]) for side in ("TP", "dense")}
+    return {"times": time_cases(cases, args), "counted": counted}
+
+
+def measure_heads(args) -> dict:
+    """``--gpt``: the TP GPT with a replicated head against a vocab-parallel one, timed and counted."""
+    p = dist.get_world_size()
+    cases = {head: build_gpt(head, args, p) for head in GPT_HEADS}
+    counted = {head: count(case) for head, case in cases.items()}
+    times = time_cases(cases, args)
+    return {head: {**counted[head], **{f"{mode}_{clock}": times[(head, mode)][clock]
+                                       for mode in MODES for clock in ("wall_s", "cpu_s")}} for head in GPT_HEADS}
 
 
 def summarise(width: int, raw: dict, args, p: int) -> dict:
@@ -186,12 +243,32 @@ def report(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def report_heads(heads: dict, args) -> str:
+    rep, vp = heads["replicated"], heads["vocab_parallel"]
+    lines = [f"The TP GPT (d = {args.widths[0]}, {args.layers} blocks, {args.heads} heads, vocabulary 256, {args.batch} × "
+             f"{args.seq} tokens), p = {args.p}: head replicated against vocab-parallel (loss_parallel); medians of "
+             f"{args.reps} repetitions (slowest rank), wall ms / CPU ms.",
+             f"{'head':<15} {'train':>17} {'forward':>17} {'sent B/step':>12} {'MACs/step':>12}"]
+    for name, h in heads.items():
+        lines.append(f"{name:<15} {1e3 * h['train_wall_s']:8.1f}/{1e3 * h['train_cpu_s']:8.1f} "
+                     f"{1e3 * h['forward_wall_s']:8.1f}/{1e3 * h['forward_cpu_s']:8.1f} {h['sent_bytes']:12.0f} "
+                     f"{h['macs']:12d}")
+    lines.append("vocab-parallel / replicated: train " + " / ".join(
+        f"{vp[f'train_{c}'] / rep[f'train_{c}']:.3f}" for c in ("wall_s", "cpu_s")) + " (wall / CPU), forward "
+        + " / ".join(f"{vp[f'forward_{c}'] / rep[f'forward_{c}']:.3f}" for c in ("wall_s", "cpu_s"))
+        + f", bytes {vp['sent_bytes'] / rep['sent_bytes']:.3f}, MACs {vp['macs'] / rep['macs']:.3f}")
+    return "\n".join(lines)
+
+
 def _worker(rank: int, args, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    dist.init_process_group("gloo", rank=rank, world_size=args.p)
+    join_process_group(rank, args.p, port, f"transformer-{port}")
+    torch.set_flush_denormal(True)  # subnormal floats would slow some cases and not others
     try:
+        if args.gpt:
+            heads = measure_heads(args)
+            if rank == 0:
+                print(json.dumps(heads) if args.json else report_heads(heads, args), flush=True)
+            return
         rows = [summarise(width, measure(width, args), args, args.p) for width in args.widths]
         if rank == 0:
             print("\n".join(json.dumps(r) for r in rows) if args.json else report(rows, args), flush=True)
@@ -211,6 +288,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per case (median), default 5")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="one JSON object per width")
+    parser.add_argument("--gpt", action="store_true",
+                        help="instead: the whole TP GPT (width: the first of --widths, --layers blocks), head "
+                             "replicated against vocab-parallel")
+    parser.add_argument("--layers", type=int, default=2, help="blocks of the GPT for --gpt, default 2")
     args = parser.parse_args(argv)
     if args.p < 2:
         parser.error(f"--p must be >= 2 (a group of one sends nothing), got {args.p}")

@@ -143,25 +143,34 @@ def test_cost_model_refuses_what_tp_cannot_split():
     assert math.isclose(gpt_cost(shape, 1, 8, p=2).sent_bytes, 4 * 8 * 8 * 4)  # 4 all-reduces, ring 2(p-1)/p = 1
 
 
-def _block_benchmark(argv: list[str]) -> list[dict]:
+def _benchmark():
+    """benchmarks/transformer.py as a module."""
     import sys
     from pathlib import Path
-
-    import torch.distributed as dist
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import transformer
 
-    args = transformer.parse_args(argv)
-    return [transformer.summarise(w, transformer.measure(w, args), args, dist.get_world_size()) for w in args.widths]
+    return transformer
+
+
+def _block_benchmark(argv: list[str]) -> list[dict]:
+    import torch.distributed as dist
+
+    bench = _benchmark()
+    args = bench.parse_args(argv)
+    return [bench.summarise(w, bench.measure(w, args), args, dist.get_world_size()) for w in args.widths]
+
+
+def _head_benchmark(argv: list[str]) -> dict:
+    bench = _benchmark()
+    return bench.measure_heads(bench.parse_args(argv))
 
 
 def test_transformer_benchmark_times_every_case_and_counts_what_the_model_says():
     """benchmarks/transformer.py's measurement on 2 ranks, tiny: every case timed, TP's bytes and
-    multiply-adds (and the dense block's) equal cost.gpt's tp_block_cost."""
-    import sys
-    from pathlib import Path
-
+    multiply-adds (and the dense block's) equal cost.gpt's tp_block_cost; the whole GPT's head
+    replicated against vocab-parallel (--gpt) differs by what cost.gpt says."""
     argv = ["--widths", "32", "--heads", "4", "--seq", "8", "--batch", "2", "--reps", "1", "--warmup", "0"]
     row, = run_ranks(2, _block_benchmark, argv)[0]
     assert row["counts_match_model"] and row["TP_sent_bytes"] == 4 * 2 * 8 * 32 * 4  # 4 all-reduces, ring = 1
@@ -169,10 +178,13 @@ def test_transformer_benchmark_times_every_case_and_counts_what_the_model_says()
     for side in ("TP", "dense", "scores"):
         for mode in ("train", "forward"):
             assert row[f"{side}_{mode}_ms"] > 0 and row[f"{side}_{mode}_cpu_ms"] >= 0
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import transformer
-
+    transformer = _benchmark()
     assert "counted = model" in transformer.report([row], transformer.parse_args(argv))
+    heads = run_ranks(2, _head_benchmark, argv + ["--gpt", "--layers", "1"])[0]
+    rep, vp = heads["replicated"], heads["vocab_parallel"]
+    assert vp["sent_bytes"] == rep["sent_bytes"] + 2 * 8 * 32 * 4 + 3 * 2 * 8 * 4  # + rows·d back, 3 × rows
+    assert rep["macs"] - vp["macs"] == 3 * 2 * 8 * 32 * 256 // 2  # half the head's multiply-adds
+    assert "vocab-parallel / replicated" in transformer.report_heads(heads, transformer.parse_args(argv))
     for bad in (["--heads", "3"], ["--widths", "100"], ["--p", "1"]):
         with pytest.raises(SystemExit):
             transformer.parse_args(bad)
