@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -102,6 +103,10 @@ def test_compare_gpt_runs_tp_ddp_and_one_device_and_counts_what_the_model_predic
         assert result["loss_name"] == "cross-entropy, nats/char"
         for rank in result["per_rank"]:
             assert Fraction(rank["sent_bytes"]) == Fraction(result["predicted"]["sent_bytes"])
+            # Every rank computes on its share of the cores, as Lightning gives DDP's ranks (without
+            # it ModelParallelStrategy's other ranks each took every core).
+            share = os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // row["ranks"])
+            assert rank["threads"] == int(share), (name, rank)
     # One dense GPT, four layouts: the whole model's parameters are the same; TP splits them.
     assert len({row["params_model"] for row in rows.values()}) == 1
     assert rows["single-1"]["params_per_rank"] == rows["single-1"]["params_model"]

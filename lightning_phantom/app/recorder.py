@@ -170,6 +170,7 @@ class RunRecorder(Callback):
             torch.cuda.reset_peak_memory_stats(device)
         _trim_heap()
         self._local["params"] = sum(_local(p).numel() for p in pl_module.parameters())
+        self._local["threads"] = torch.get_num_threads()  # intra-op threads this rank computes with
         self._sampler.start()
         self._t0 = time.perf_counter()
 
