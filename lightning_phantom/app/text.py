@@ -53,13 +53,11 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
-class TrainWindows(Dataset):
-    """``count`` windows at seeded random offsets of ``text``: (inputs, next-byte targets)."""
+class Windows(Dataset):
+    """Windows of ``context + 1`` bytes of ``text`` at ``starts``: (inputs, next-byte targets)."""
 
-    def __init__(self, text: torch.Tensor, context: int, count: int, seed: int) -> None:
-        self.text, self.context = text, context
-        generator = torch.Generator().manual_seed(seed)
-        self.starts = torch.randint(0, len(text) - context, (count,), generator=generator)
+    def __init__(self, text: torch.Tensor, context: int, starts: torch.Tensor) -> None:
+        self.text, self.context, self.starts = text, context, starts
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -70,13 +68,16 @@ class TrainWindows(Dataset):
         return window[:-1], window[1:]
 
 
-class ValWindows(TrainWindows):
-    """``count`` windows evenly spaced over ``text`` (as many as fit, if fewer)."""
+def train_windows(text: torch.Tensor, context: int, count: int, seed: int) -> Windows:
+    """``count`` windows at random offsets drawn from ``seed``: the same on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    return Windows(text, context, torch.randint(0, len(text) - context, (count,), generator=generator))
 
-    def __init__(self, text: torch.Tensor, context: int, count: int) -> None:
-        self.text, self.context = text, context
-        last = len(text) - context - 1
-        self.starts = torch.linspace(0, last, min(count, last + 1)).round().long().unique()
+
+def val_windows(text: torch.Tensor, context: int, count: int) -> Windows:
+    """``count`` windows evenly spaced over ``text``, first and last included (as many as fit, if fewer)."""
+    last = len(text) - context - 1
+    return Windows(text, context, torch.linspace(0, last, min(count, last + 1)).round().long().unique())
 
 
 def read_corpus(root: Path, files: tuple[str, ...]) -> tuple[bytes, list[str], list[str]]:
@@ -128,8 +129,8 @@ class TextDataModule(pl.LightningDataModule):
                              f"({batch_size}): not one full training batch")
         self.seed = seed
         self.root = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
-        self.train_set: Optional[TrainWindows] = None
-        self.val_set: Optional[ValWindows] = None
+        self.train_set: Optional[Windows] = None
+        self.val_set: Optional[Windows] = None
         self._described: dict = {}
 
     def _split(self, files: tuple[str, ...], name: str) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -145,8 +146,8 @@ class TextDataModule(pl.LightningDataModule):
             return
         train, train_found, train_missing = self._split(TRAIN_FILES, "training")
         val, val_found, val_missing = self._split(VAL_FILES, "validation")
-        self.train_set = TrainWindows(train, self.context, self.train_windows, self.seed)
-        self.val_set = ValWindows(val, self.context, self.val_windows)
+        self.train_set = train_windows(train, self.context, self.train_windows, self.seed)
+        self.val_set = val_windows(val, self.context, self.val_windows)
         sha = corpus_hash(self.root, train_found + val_found)
         self._described = {
             "source": f"Python {sys.version.split()[0]} standard library, {self.root}",
