@@ -64,7 +64,7 @@ class Plan:
     world_size: int
     group_size: int  # ranks sharing one copy of the model (phantom or tensor-parallel group)
     data_parallel: int  # copies of the model
-    sizes: list[int]  # the FFN, [d_in, n, ..., n, d_out]
+    sizes: list[int]  # the FFN, [d_in, n, ..., n, d_out]; the GPT, [vocab, d (one per block), vocab]
     ghosts: Optional[list[int]]  # per phantom layer (phantom only)
 
 
@@ -149,6 +149,17 @@ def _check_phantom(s: DictConfig, strategy: Any, model: Any, world: int, nodes: 
 def _check_tp(s: DictConfig, world: int, nodes: int, sizes: list[int]) -> tuple[int, int]:
     from lightning_phantom.cost.model import tp_cost
 
+    group, data = _tp_layout(s, world, nodes)
+    try:
+        tp_cost(sizes, group, rows=1)
+    except ValueError as e:
+        raise ConfigError(f"strategy=tp cannot shard the model's sizes {sizes} over {group} ranks: "
+                          f"{e}") from None
+    return group, data
+
+
+def _tp_layout(s: DictConfig, world: int, nodes: int) -> tuple[int, int]:
+    """ModelParallelStrategy's tensor-parallel group size and replicas."""
     data = s.get("data_parallel_size", "auto")
     data = nodes if data == "auto" else _int("strategy.data_parallel_size", data)
     group = s.get("tensor_parallel_size", "auto")
@@ -156,12 +167,45 @@ def _check_tp(s: DictConfig, world: int, nodes: int, sizes: list[int]) -> tuple[
     if data * group != world:
         raise ConfigError(f"strategy=tp: data_parallel_size({data}) * tensor_parallel_size({group}) != "
                           f"trainer.devices × trainer.num_nodes ({world})")
-    try:
-        tp_cost(sizes, group, rows=1)
-    except ValueError as e:
-        raise ConfigError(f"strategy=tp cannot shard the model's sizes {sizes} over {group} ranks: "
-                          f"{e}") from None
     return group, data
+
+
+GPT_MODULE = "lightning_phantom.app.language_model.GPTModule"
+TEXT_DATA = "lightning_phantom.app.text.TextDataModule"
+
+
+def _check_gpt(cfg: DictConfig, kind: str, world: int, nodes: int) -> tuple[list[int], int, int]:
+    """model=gpt: its data, its settings and what the strategy asks of them; returns the plan's
+    sizes ([vocab, width per block, vocab]), the model-parallel group size and the replicas."""
+    from lightning_phantom.app.gpt import gpt_settings_error
+    from lightning_phantom.app.tensor_parallel import GPT_HEADS
+
+    if cfg.data.get("_target_") != TEXT_DATA:
+        raise ConfigError(f"model=gpt learns next-byte prediction on data=text, got data._target_="
+                          f"{cfg.data.get('_target_')!r}; add data=text")
+    m = cfg.model
+    settings = {key: m.get(key) for key in ("vocab", "width", "layers", "heads", "mlp_ratio", "context", "dropout")}
+    error = gpt_settings_error(**settings)
+    if error:
+        raise ConfigError(error)
+    if settings["vocab"] != cfg.data.get("vocab") or settings["context"] < cfg.data.get("context"):
+        raise ConfigError(f"model.vocab={settings['vocab']} and model.context={settings['context']} must hold the "
+                          f"data's tokens (data.vocab={cfg.data.get('vocab')}) and windows (data.context="
+                          f"{cfg.data.get('context')}); leave them as ${{data.vocab}} and ${{data.context}}")
+    if m.get("tp_head") not in GPT_HEADS:
+        raise ConfigError(f"model.tp_head must be one of {', '.join(GPT_HEADS)}, got {m.get('tp_head')!r}")
+    if kind == "phantom":
+        raise ConfigError("strategy=phantom cannot shard model=gpt in this version (phantom transformer stacks "
+                          "are not in it yet); use strategy=tp, ddp or single")
+    group, data = (1, world) if kind != "tp" else _tp_layout(cfg.strategy, world, nodes)
+    sharded = [("model.heads", settings["heads"])]  # then width and MLP width are divisible too
+    if m.tp_head == "vocab_parallel":
+        sharded.append(("model.vocab", settings["vocab"]))
+    for name, n in sharded if kind == "tp" else ():
+        if n % group:
+            raise ConfigError(f"strategy=tp splits {name} = {n} over its {group} ranks, but {n} % {group} = "
+                              f"{n % group}; use a multiple of {group}")
+    return [settings["vocab"]] + [settings["width"]] * settings["layers"] + [settings["vocab"]], group, data
 
 
 def _check_energy(cfg: DictConfig) -> None:
@@ -192,19 +236,25 @@ def check_config(cfg: DictConfig) -> Plan:
     nodes = _int("trainer.num_nodes", cfg.trainer.get("num_nodes", 1))
     world = _devices(cfg.trainer) * nodes
     m = cfg.model
-    width, depth = _int("model.width", m.width), _int("model.depth", m.depth, 0)
-    d_in, d_out = _int("model.input_size", m.input_size), _int("model.output_size", m.output_size)
-    sizes = [d_in] + [width] * (depth + 1) + [d_out]
-    group, data, ghosts = 1, world, None
     if kind == "single" and world != 1:
         raise ConfigError(f"strategy=single runs on one device, but trainer.devices × trainer.num_nodes = "
                           f"{world}; set trainer.devices=1, or choose strategy=phantom, tp or ddp")
-    built = build_run(cfg, meta=True)
-    if kind == "phantom":
-        group, data, ghosts = _check_phantom(cfg.strategy, built.strategy, built.model, world, nodes, width,
-                                             depth)
-    elif kind == "tp":
-        group, data = _check_tp(cfg.strategy, world, nodes, sizes)
+    group, data, ghosts = 1, world, None
+    if m.get("_target_") == GPT_MODULE:  # the language model: checks of its own
+        sizes, group, data = _check_gpt(cfg, kind, world, nodes)
+        built = build_run(cfg, meta=True)
+    elif cfg.data.get("_target_") == TEXT_DATA:
+        raise ConfigError("data=text is a byte corpus for the language model; add model=gpt")
+    else:
+        width, depth = _int("model.width", m.width), _int("model.depth", m.depth, 0)
+        d_in, d_out = _int("model.input_size", m.input_size), _int("model.output_size", m.output_size)
+        sizes = [d_in] + [width] * (depth + 1) + [d_out]
+        built = build_run(cfg, meta=True)
+        if kind == "phantom":
+            group, data, ghosts = _check_phantom(cfg.strategy, built.strategy, built.model, world, nodes, width,
+                                                 depth)
+        elif kind == "tp":
+            group, data = _check_tp(cfg.strategy, world, nodes, sizes)
     _check_energy(cfg)
     every = cfg.get("progress_every", "auto")
     if every != "auto":
@@ -231,6 +281,13 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
     from lightning_phantom.app.recorder import RunRecorder
 
     run_dir = Path(run_dir or os.getcwd())
+    # An equal share of the cores per rank, as Lightning gives DDP's ranks. ModelParallelStrategy (and
+    # PhantomStrategy) start their other ranks without it, and each then runs as many threads as there
+    # are cores: on 2 cores TP on 4 ranks ran 5x slower. Set before the launcher starts them (they
+    # inherit OMP_NUM_THREADS), so every strategy runs alike; a launcher's own setting (torchrun) wins.
+    from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+    _set_num_threads_if_needed(num_processes=max(1, plan.world_size // int(cfg.trainer.get("num_nodes", 1))))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same dense init on every rank
     built = build_run(cfg)
     monitor = built.monitor
@@ -261,6 +318,8 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
     if not trainer.is_global_zero:
         return None
     result = {**recorder.result, "config": OmegaConf.to_container(cfg, resolve=True), "plan": asdict(plan)}
+    if hasattr(data, "describe"):  # what the run trained on (data=text: files, bytes, SHA-256)
+        result["data"] = data.describe()
     path = run_dir / RESULT_FILE
     path.write_text(json.dumps(result, indent=1))
     print(summary_line(result) + f"\n(result written to {path})", flush=True)
@@ -271,9 +330,10 @@ def summary_line(result: dict) -> str:
     energy = result.get("energy") or {}
     joules = f", {energy['total_J']:.4g} J ({energy['meter']})" if energy.get("total_J") is not None else ""
     val = result["final_val_loss"]
+    bpc = f" ({result['final_val_bpc']:.4g} bits/char)" if result.get("final_val_bpc") is not None else ""
     return (f"{result['strategy']}: {result['steps']} steps, median step "
             f"{1e3 * result['step_time_s']:.3g} ms, final train loss {result['final_train_loss']:.4g}, "
-            f"val loss {'-' if val is None else format(val, '.4g')}{joules}")
+            f"val loss {'-' if val is None else format(val, '.4g')}{bpc}{joules}")
 
 
 def _launched_externally() -> bool:

@@ -104,25 +104,32 @@ def _count_ddp(model) -> None:
         model.register_comm_hook(None, allreduce_hook)
 
 
-def predicted_cost(strategy: str, module, group_size: int, world_size: int, rows: int,
-                   element_size: int) -> dict:
-    """The cost model's params, multiply-adds and sent bytes per rank for one step of ``module.net``."""
+def predicted_cost(strategy: str, module, group_size: int, world_size: int, input_shape, element_size: int) -> dict:
+    """The cost model's params, multiply-adds and sent bytes per rank for one training step of
+    ``module`` on a batch of ``input_shape``.
+
+    A module with a ``step_cost(scheme, group_size, input_shape, element_size)`` method (the GPT)
+    gives its own figures for the scheme, "dense" for a whole model per rank; the FFN's come from
+    ``phantom_cost``/``tp_cost``. DDP adds its gradient all-reduce to the dense model's figures.
+    """
     from lightning_phantom.cost.model import phantom_cost, tp_cost
     from lightning_phantom.nn.layers import PhantomFFN
 
-    net, sizes = module.net, list(module.sizes)
-    if strategy == "phantom" and isinstance(net, PhantomFFN):
-        cost = phantom_cost(net.sizes, net.shard.size, net.ghosts, rows, element_size)
-    elif strategy == "tp":
-        cost = tp_cost(sizes, group_size, rows, element_size)
-    else:
-        # One whole model per rank: a phantom group of one is exactly the dense FFN (cost.py).
+    scheme = strategy if strategy in ("phantom", "tp") else "dense"
+    rows = input_shape[0]
+    if hasattr(module, "step_cost"):
+        cost = module.step_cost(scheme, group_size, input_shape, element_size)
+    elif scheme == "phantom" and isinstance(module.net, PhantomFFN):
+        cost = phantom_cost(module.net.sizes, module.net.shard.size, module.net.ghosts, rows, element_size)
+    elif scheme == "tp":
+        cost = tp_cost(list(module.sizes), group_size, rows, element_size)
+    else:  # one whole model per rank: a phantom group of one is exactly the dense FFN (cost.py)
+        sizes = list(module.sizes)
         cost = phantom_cost(sizes, 1, [1] * (len(sizes) - 3), rows, element_size)
-        if strategy == "ddp":  # one all-reduce of every gradient per step, ring 2(p-1)/p (counting.py)
-            p = world_size
-            return {"params": cost.params, "macs": cost.macs,
-                    "sent_bytes": Fraction(2 * (p - 1) * cost.params * element_size, p)}
-    return {"params": cost.params, "macs": cost.macs, "sent_bytes": cost.sent_bytes}
+    sent = cost.sent_bytes
+    if strategy == "ddp":  # one all-reduce of every gradient per step, ring 2(p-1)/p (counting.py)
+        sent = Fraction(2 * (world_size - 1) * cost.params * element_size, world_size)
+    return {"params": cost.params, "macs": cost.macs, "sent_bytes": sent}
 
 
 class RunRecorder(Callback):
@@ -163,6 +170,7 @@ class RunRecorder(Callback):
             torch.cuda.reset_peak_memory_stats(device)
         _trim_heap()
         self._local["params"] = sum(_local(p).numel() for p in pl_module.parameters())
+        self._local["threads"] = torch.get_num_threads()  # intra-op threads this rank computes with
         self._sampler.start()
         self._t0 = time.perf_counter()
 
@@ -171,7 +179,7 @@ class RunRecorder(Callback):
 
         self._step = trainer.global_step
         if self._step == self.count_step:
-            self._local.update(rows=int(batch[0].shape[0]),
+            self._local.update(rows=int(batch[0].shape[0]), input_shape=list(batch[0].shape),
                                element_size=next(pl_module.parameters()).element_size())
             self._comm, self._marker = CommCounter(), None
             self._comm.__enter__()
@@ -218,9 +226,9 @@ class RunRecorder(Callback):
             return
         self._local["val"].append([trainer.global_step, time.perf_counter() - self._t0, self._joules(),
                                    float(trainer.callback_metrics["val_loss"])])
-        if "val_acc" in trainer.callback_metrics:  # classification: accuracy beside the loss
-            self._local.setdefault("val_acc", []).append([trainer.global_step,
-                                                          float(trainer.callback_metrics["val_acc"])])
+        for key in ("val_acc", "val_bpc"):  # classification: accuracy; language model: bits per character
+            if key in trainer.callback_metrics:
+                self._local.setdefault(key, []).append([trainer.global_step, float(trainer.callback_metrics[key])])
 
     def on_train_end(self, trainer, pl_module) -> None:
         import torch
@@ -251,19 +259,24 @@ class RunRecorder(Callback):
         last = [loss for *_, loss in train[-10:]]
         predicted = None
         if "rows" in first:
-            cost = predicted_cost(plan.strategy, pl_module, plan.group_size, plan.world_size, first["rows"],
+            cost = predicted_cost(plan.strategy, pl_module, plan.group_size, plan.world_size, first["input_shape"],
                                   first["element_size"])
             predicted = {**cost, "sent_bytes": str(cost["sent_bytes"])}
         return {
             "strategy": plan.strategy, "world_size": plan.world_size, "group_size": plan.group_size,
-            "data_parallel": plan.data_parallel, "sizes": list(pl_module.sizes),
-            "ghosts": list(getattr(pl_module.net, "ghosts", None) or []) or None,
+            "data_parallel": plan.data_parallel, "sizes": list(getattr(pl_module, "sizes", [])),
+            "ghosts": list(getattr(getattr(pl_module, "net", None), "ghosts", None) or []) or None,
+            # A model that is not the FFN names itself, counts its parameters and says what its loss is.
+            **{key: getattr(pl_module, key) for key in ("model_name", "params_model", "loss_name")
+               if hasattr(pl_module, key)},
             "steps": len(train), "step_time_s": statistics.median(step_times) if step_times else math.nan,
             "wall_s": max(r["wall_s"] for r in ranks),
             "final_train_loss": statistics.fmean(last) if last else math.nan,
             "final_val_loss": val[-1][3] if val else None, "final_val_step": val[-1][0] if val else None,
             "energy": self.energy.summary() if self.energy is not None else None, "predicted": predicted,
-            "per_rank": [{k: v for k, v in r.items() if k not in ("times", "train", "val", "val_acc")}
+            "final_val_bpc": first["val_bpc"][-1][1] if first.get("val_bpc") else None,
+            "per_rank": [{k: v for k, v in r.items() if k not in ("times", "train", "val", "val_acc", "val_bpc")}
                          for r in ranks],
             "train_curve": train, "val_curve": val, "val_acc_curve": first.get("val_acc") or None,
+            "val_bpc_curve": first.get("val_bpc") or None,
         }

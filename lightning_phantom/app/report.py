@@ -24,6 +24,8 @@ def model_params(result: dict) -> int:
     TP, DDP and one device train the dense FFN (TP shards it, DDP replicates it). A phantom
     group's ranks hold distinct blocks and ghost maps; only the output bias is on every rank.
     """
+    if result.get("params_model") is not None:  # a model that counts its own (the GPT)
+        return result["params_model"]
     sizes, ranks = result["sizes"], result["per_rank"]
     if result["strategy"] != "phantom":
         return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
@@ -43,7 +45,8 @@ def result_row(result: dict, run: str = "", job: str = "") -> dict:
         "ranks": result["world_size"],
         "group_size": result["group_size"],
         "ghosts": ",".join(map(str, sorted(set(result["ghosts"])))) if result.get("ghosts") else "",
-        "sizes": "x".join(map(str, result["sizes"])), "rows_per_step": ranks[0].get("rows"),
+        "sizes": result.get("model_name") or "x".join(map(str, result["sizes"])),
+        "rows_per_step": ranks[0].get("rows"),
         "params_per_rank": max(r["params"] for r in ranks), "params_per_rank_model": predicted.get("params"),
         "params_model": model_params(result),
         "macs_per_step": max(r["flops"] // 2 for r in ranks) if all("flops" in r for r in ranks) else None,
@@ -64,6 +67,7 @@ def result_row(result: dict, run: str = "", job: str = "") -> dict:
         "target_J": target.get("energy_J"), "target_s": target.get("time_s"),
         "target_step": target.get("step"),
         "final_val_acc": (result.get("val_acc_curve") or [[None, None]])[-1][1],
+        "final_val_bpc": result.get("final_val_bpc"),
         "target_rank_s": (target["time_s"] * result["world_size"] if target.get("time_s") is not None
                           else None),
         "run": run,
@@ -90,11 +94,11 @@ COLUMNS = (  # header, CSV key, format
     ("peak CUDA MiB/rank", "cuda_peak_bytes_per_rank", "MiB"),
     ("J/step", "J_per_step_median", "g"), ("total J", "total_J", "g"),
     ("train loss", "final_train_loss", "g"), ("val loss", "final_val_loss", "g"),
-    ("val acc", "final_val_acc", "g"),
+    ("val acc", "final_val_acc", "g"), ("val bpc", "final_val_bpc", "g"),
     ("J to target", "target_J", "g"), ("s to target", "target_s", "g"),
     ("rank·s to target", "target_rank_s", "g"), ("step at target", "target_step", "s"),
 )
-OPTIONAL = ("cuda_peak_bytes_per_rank", "final_val_acc")  # columns shown only where some run has them
+OPTIONAL = ("cuda_peak_bytes_per_rank", "final_val_acc", "final_val_bpc")  # columns shown only where some run has them
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -128,6 +132,8 @@ def markdown_table(rows: list[dict]) -> str:
         "rank holds. peak RSS: the whole process, sampled during training.",
         f"train loss: mean of the last 10 steps. val loss: last validation. target: val_loss <= {target}.",
     ]
+    if any(row["final_val_bpc"] is not None for row in rows):
+        notes.append("Language model: val loss in nats per character (byte), val bpc = val loss / ln 2 in bits.")
     return "\n".join(lines + notes)
 
 
@@ -183,6 +189,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _loss_name(result: dict) -> str:
+    if result.get("loss_name"):  # a model that names its loss (the GPT: nats per character)
+        return result["loss_name"]
     task = (result.get("config") or {}).get("model", {}).get("task", "regression")
     return "MSE" if task == "regression" else "cross-entropy"
 

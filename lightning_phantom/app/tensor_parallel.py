@@ -13,6 +13,9 @@ DTensor issues). With an odd number of Linear layers the last one is
 ``ColwiseParallel(output_layouts=Replicate())``, which all-gathers its output: either
 way every rank ends with the full output, as with ``PhantomFFN``, so the two are
 compared on the same model, data and loss code.
+
+``parallelize_gpt`` (``parallelize_block`` per block) does the same for the GPT of
+``lightning_phantom.app.gpt`` with torchtitan's plan: the model file knows nothing of it.
 """
 
 from __future__ import annotations
@@ -97,3 +100,88 @@ def parallelize_ffn(module: nn.Sequential, tp_mesh) -> nn.Sequential:
         else:
             plan[str(i)] = RowwiseParallel()
     return parallelize_module(module, tp_mesh, plan)
+
+
+GPT_HEADS = ("replicated", "vocab_parallel")
+
+
+def _replicated_input(module, inputs, mesh):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs)
+
+
+def _local_output(module, output, mesh):
+    return output.to_local()
+
+
+def replicate_module(module, tp_mesh):
+    """Keep ``module`` whole on every rank, its parameters as replicated DTensors (torchtitan's
+    ``NoParallel``): every parameter is then a DTensor, as fused optimizers and gradient clipping
+    need, while the module takes and returns plain tensors. Computed the same on every rank, its
+    gradients need no collective."""
+    from torch.distributed.tensor import distribute_module
+
+    return distribute_module(module, tp_mesh, input_fn=_replicated_input, output_fn=_local_output)
+
+
+def parallelize_gpt(gpt, tp_mesh, head: str = "replicated"):
+    """Shard ``lightning_phantom.app.gpt.GPT`` Megatron-style over a 1-D ``DeviceMesh``, in place.
+
+    torchtitan's plan without sequence parallelism: per block, colwise ``q``, ``k``, ``v`` and
+    ``fc1`` (each rank computes its h/p heads and f/p hidden neurons), rowwise ``out`` and ``fc2``
+    (one all-reduce of rows·d each, forward); embeddings and norms replicated (``replicate_module``),
+    so the residual stream is whole on every rank. The attention's input is made a replicated
+    DTensor once (``PrepareModuleInput``) before ``q``, ``k`` and ``v`` read it: their three partial input
+    gradients are summed as DTensors and all-reduced once in backward, as Megatron's fused QKV
+    does, instead of once per projection. A block thus sends 2 all-reduces of rows·d forward and 2
+    backward (``lightning_phantom.cost.gpt``).
+
+    ``head``: ``"replicated"`` (every rank computes all logits: no collective) or
+    ``"vocab_parallel"`` (colwise over the vocabulary, logits stay a DTensor sharded on the last
+    dimension; the loss must then be computed, and its backward run, under
+    ``torch.distributed.tensor.parallel.loss_parallel()``; it adds one all-reduce of rows·d in
+    backward and the loss's own reductions).
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    if not isinstance(tp_mesh, DeviceMesh) or tp_mesh.ndim != 1:
+        raise TypeError(f"tp_mesh must be a 1-D torch.distributed DeviceMesh, got {tp_mesh!r}; pass "
+                        "self.device_mesh['tensor_parallel'] in configure_model")
+    if head not in GPT_HEADS:
+        raise ValueError(f"head must be one of {GPT_HEADS}, got {head!r}")
+    p = tp_mesh.size()
+    # Heads divisible by p make the width (heads × head_dim) and the MLP width (a multiple of it) so.
+    for name, value in (("heads", gpt.heads),) + ((("vocab", gpt.vocab),) if head == "vocab_parallel" else ()):
+        if value % p:
+            raise ValueError(f"the GPT's {name} = {value} is not divisible by the tensor-parallel size {p}: every "
+                             f"rank computes {name}/{p} of them. Choose a multiple of {p}.")
+    for block in gpt.blocks:
+        parallelize_block(block, tp_mesh)
+    for module in (gpt.tok, gpt.pos, gpt.ln_f):
+        replicate_module(module, tp_mesh)
+    if head == "vocab_parallel":
+        parallelize_module(gpt, tp_mesh, {"head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    else:
+        replicate_module(gpt.head, tp_mesh)
+    return gpt
+
+
+def parallelize_block(block, tp_mesh):
+    """One ``app/gpt.py`` ``Block`` laid out as ``parallelize_gpt`` lays out each (see there), in place.
+    Its input and output are the whole residual stream, a plain tensor on every rank."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   parallelize_module)
+
+    parallelize_module(block, tp_mesh, {
+        "attn": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)),
+        "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+        "attn.out": RowwiseParallel(),
+        "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel(),
+    })
+    replicate_module(block.ln1, tp_mesh)
+    replicate_module(block.ln2, tp_mesh)
+    return block
