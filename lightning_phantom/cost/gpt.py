@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from lightning_phantom._checks import positive_int
-from lightning_phantom.cost.model import LayerCost, _all_reduce_bytes, _ForwardBackward
+from lightning_phantom.cost.model import LayerCost, _ForwardBackward, _layer
 
 HEADS = ("replicated", "vocab_parallel")
 
@@ -98,11 +98,8 @@ class GPTCost(_ForwardBackward):
 def _part(kind: str, n_in: int, n_out: int, params: int, macs_fwd: int = 0, macs_bwd: int = 0,
           fwd: tuple = (), bwd: tuple = (), p: int = 1, e: int = 4) -> LayerCost:
     """One part of the model; ``fwd``/``bwd``: its all-reduces as (kind, elements)."""
-    def sent(calls: tuple) -> Fraction:
-        return sum((_all_reduce_bytes(p, n, e) for _, n in calls), Fraction(0))
-
-    return LayerCost(kind, n_in, n_out, 0, params=params, macs_fwd=macs_fwd, macs_bwd=macs_bwd,
-                     sent_bytes_fwd=sent(fwd), sent_bytes_bwd=sent(bwd), collectives_fwd=fwd, collectives_bwd=bwd)
+    return _layer(kind, n_in, n_out, 0, params, macs_fwd, macs_bwd, p,
+                  fwd=tuple((op, n, e) for op, n in fwd), bwd=tuple((op, n, e) for op, n in bwd))
 
 
 def tp_block_cost(width: int, hidden: int, p: int, batch: int, seq: int, element_size: int = 4) -> LayerCost:
