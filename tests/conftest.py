@@ -65,7 +65,15 @@ def _worker(rank: int, world_size: int, port: int, tasks: mp.Queue, results: mp.
             break
         fn, args, kwargs = job
         try:
-            results.put((rank, True, fn(*args, **kwargs)))
+            value = fn(*args, **kwargs)
+            # A dispatch mode (CommCounter, a FLOP counter) left entered would change every later
+            # test run in this pool (torch.compile refuses to trace under one): fail the test that leaked it.
+            leaked = torch._C._len_torch_dispatch_stack()
+            if leaked:
+                while torch._C._len_torch_dispatch_stack():
+                    torch._C._pop_torch_dispatch_stack(None)
+                raise RuntimeError(f"{fn.__name__} returned with {leaked} TorchDispatchMode(s) still entered")
+            results.put((rank, True, value))
         except BaseException:  # noqa: BLE001 - everything goes back to the test
             results.put((rank, False, traceback.format_exc()))
     dist.destroy_process_group()

@@ -99,14 +99,19 @@ def fit_with_sampler(same: dict, manual: bool, detect: bool, check: bool = True)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.counter.__exit__(None, None, None)
-            steps.append((dict(self.counter.calls), self.counter.payload_bytes))
+            self.counter, counted = None, self.counter
+            steps.append((dict(counted.calls), counted.payload_bytes))
 
-    trainer.callbacks.append(Count())
+    count = Count()
+    trainer.callbacks.append(count)
     try:
         trainer.fit(model, loader)
         error = None
     except BatchMismatchError as e:
         error = {"message": str(e), "step": e.step}
+    finally:  # a step stopped by the error never reaches on_train_batch_end: leave no dispatch mode behind
+        if getattr(count, "counter", None) is not None:
+            count.counter.__exit__(None, None, None)
     state = model.state_dict()
     return {"error": error, "step": trainer.global_step, "steps": steps, "state": state,
             "untouched": all(torch.equal(state[k], v) for k, v in initial.items())}
