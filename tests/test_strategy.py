@@ -479,3 +479,20 @@ def test_defaults_and_layout_arithmetic():
     assert PhantomLayout.resolve(2, 4, 8).data_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     with pytest.raises(RuntimeError, match="before processes have initialized"):
         strategy.device_mesh
+
+
+def test_every_rank_lightnings_launcher_starts_takes_its_share_of_the_cores(tmp_path):
+    """Lightning's launcher sets rank 0's threads only; the ranks it starts each took every core
+    (on 2 cores, TP on 4 ranks ran 5x slower). Under PhantomStrategy every rank takes cores / ranks."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "threads.py"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    threads = dict(re.findall(r"^rank (\d) threads (\d+)$", out.stdout, re.M))
+    assert threads == {"0": str(max(1, os.cpu_count() // 2)), "1": str(max(1, os.cpu_count() // 2))}, out.stdout

@@ -38,7 +38,9 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
+from lightning.fabric.utilities.distributed import (
+    _get_default_process_group_backend_for_device, _set_num_threads_if_needed,
+)
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
@@ -253,6 +255,9 @@ class PhantomStrategy(PhantomCollectives):
         super().setup_environment()
         reset_seed()
         self.set_world_ranks()
+        # Each rank its share of the cores, as Lightning's launcher gives rank 0 only: the ranks it
+        # starts (and those of any launcher that sets no OMP_NUM_THREADS) would each take every core.
+        _set_num_threads_if_needed(num_processes=self.num_processes)
         self._process_group_backend = (self._process_group_backend
                                        or _get_default_process_group_backend_for_device(self.root_device))
         assert self.cluster_environment is not None
