@@ -318,8 +318,8 @@ def run(cfg: DictConfig, run_dir: Optional[os.PathLike] = None) -> Optional[dict
     if not trainer.is_global_zero:
         return None
     result = {**recorder.result, "config": OmegaConf.to_container(cfg, resolve=True), "plan": asdict(plan)}
-    if hasattr(data, "describe"):  # what the run trained on (data=text: files, bytes, SHA-256)
-        result["data"] = data.describe()
+    if hasattr(built.data, "describe"):  # what the run trained on (data=text: files, bytes, SHA-256)
+        result["data"] = built.data.describe()
     path = run_dir / RESULT_FILE
     path.write_text(json.dumps(result, indent=1))
     print(summary_line(result) + f"\n(result written to {path})", flush=True)
