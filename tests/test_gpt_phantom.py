@@ -229,3 +229,30 @@ def test_the_recorder_counts_a_compiled_model_eagerly(tmp_path):
     rank, = recorder.result["per_rank"]
     assert rank["flops"] == 2 * recorder.result["predicted"]["macs"] == 2 * gpt_cost(GPT_SHAPE, BATCH, SEQ).macs
     assert rank["sent_bytes"] == "0" and len(recorder.result["train_curve"]) == 3
+
+
+def test_blocks_that_are_not_the_apps_are_refused_with_the_reason():
+    from dataclasses import replace
+
+    import pytest
+    from torch import nn
+
+    import lightning_phantom as lp
+    from lightning_phantom.app.gpt import Block, Blocks
+    from lightning_phantom.app.gpt_blocks import build_block, read_block
+
+    class OwnLinear(nn.Linear):
+        pass
+
+    block = Block(8, 2, 2)
+    block.attn.q = OwnLinear(8, 8)
+    with pytest.raises(ValueError, match=r"layers\[0\] \(the app's GPT Block\) cannot be converted to phantom form: "
+                                         r"attn.q is OwnLinear, not nn.Linear"):
+        lp.to_phantom(Blocks([block]), "auto")
+    block = Block(8, 2, 2)
+    block.mlp.act = nn.Softmax(-1)
+    with pytest.raises(ValueError, match=r"layers\[0\].activation is Softmax.*must act on each element alone"):
+        lp.to_phantom(Blocks([block]), "auto")
+    parts = read_block(Block(8, 2, 2), "block")
+    with pytest.raises(ValueError, match="do not make an app GPT Block: it is pre-norm, batch-first and causal only"):
+        build_block(replace(parts, causal=False))

@@ -35,11 +35,11 @@ def _refuse(name: str, why: str) -> None:
 
 def read_block(block: Block, name: str) -> BlockParts:
     attn, mlp = block.attn, block.mlp
+    if type(attn) is not CausalSelfAttention or type(mlp) is not MLP:
+        _refuse(name, f"its attn/mlp are {type(attn).__name__}/{type(mlp).__name__}, not the app's "
+                      "CausalSelfAttention/MLP (a subclass's forward may differ)")
     linears = {"attn.q": attn.q, "attn.k": attn.k, "attn.v": attn.v, "attn.out": attn.out, "mlp.fc1": mlp.fc1,
                "mlp.fc2": mlp.fc2}
-    if type(attn) is not CausalSelfAttention or type(mlp) is not MLP:
-        _refuse(name, f"its attn/mlp are {type(attn).__name__}/{type(mlp).__name__}, subclasses whose forward "
-                      "may differ")
     for part, linear in linears.items():
         if type(linear) is not nn.Linear:
             _refuse(name, f"{part} is {type(linear).__name__}, not nn.Linear")
