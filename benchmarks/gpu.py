@@ -11,7 +11,11 @@ Steps (``STEPS``, run in order; each returns a dict that goes into ``<out>/gpu.j
    and of TP (the rank's Colwise/Rowwise shards of every Linear), run on the one GPU, timed
    with CUDA events and metered with NVML's energy counter. ``benchmarks/projection.py``'s α–β
    model then adds the network (NVLink within 8 GPUs) → projected seconds and joules per step
-   for p GPUs, PP/TP. ``<out>/gpu.png`` plots them.
+   for p GPUs, PP/TP. Then the same for one transformer block (``block_rows``: the app's GPT
+   block, d in {4096, 8192}, head width 128, MLP 4d, ``--rows`` tokens as sequences of
+   ``--seq``): PP is one block of a phantom stack (``PhantomTransformerEncoderLayer`` on the
+   rank's d/p columns of the stream), TP the rank's shards of torchtitan's plan (q, k, v, fc1 of
+   h/p heads and f/p neurons, out and fc2 of their inputs). ``<out>/gpu.png`` plots them.
 2. ``energy_meter`` — ``EnergyMonitor(meter="nvml")`` over a real training run against NVML's
    own power readings (a thread sampling every 5 ms) integrated over the same window.
 3. ``autocast_p1`` — ``PhantomFFN`` at p = 1 on CUDA under bf16 autocast against a float64 CPU
@@ -27,6 +31,11 @@ with TORCH_DISTRIBUTED_DEBUG=DETAIL, the kill/hang scenario) that defines
 no NVML (energies are None; the meter comparison uses EnergyMonitor's estimate meter against a
 constant-power stand-in): it checks that the script runs, not any figure. tests/test_benchmarks.py
 runs it.
+
+``--budget-s`` (default 330: the whole script within 6 minutes on an H100/H200) bounds the run:
+no step, and no case of ``per_rank_compute``, starts once it is spent; those left out are listed
+in ``gpu.json`` (``stopped_early``). ``gpu.json`` is written after every step and every measured
+row, and on SIGTERM/SIGINT (a job's time limit) with what was measured so far.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -65,6 +75,14 @@ class Context:
     nvml: Any = None  # pynvml, initialised, or None
     handle: Any = None
     results: dict = field(default_factory=dict)
+    deadline: float = float("inf")  # time.perf_counter() past which nothing more starts
+    partial: dict = field(default_factory=dict)  # what the running step has measured so far
+    save: Callable[[], None] = lambda: None  # writes gpu.json with ``partial``
+    seq: int = 2048  # tokens per sequence of the transformer block
+    block_widths: list = field(default_factory=lambda: [4096, 8192])
+
+    def time_left(self) -> float:
+        return self.deadline - time.perf_counter()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -87,6 +105,8 @@ def local_only():
     first/last layers' all-reduces do nothing.
     """
     import lightning_phantom.nn.layers as layers
+    import lightning_phantom.nn.norms as norms
+    import lightning_phantom.nn.shard as shard
     import lightning_phantom.ops.operator as operator
 
     def gather(x, group, size):  # the other ranks' ghosts: zeros
@@ -99,15 +119,16 @@ def local_only():
         return x if dtype is None else x.to(dtype)
 
     saved = (operator.start_all_gather, operator.start_reduce_scatter, operator.wait, layers.copy_to_phantom,
-             layers.reduce_from_phantom, layers._Shard._check_group)
+             layers.reduce_from_phantom, shard._Sharded._check_group, norms.reduce_statistics)
     operator.start_all_gather, operator.start_reduce_scatter, operator.wait = gather, scatter, wait
-    layers.copy_to_phantom = layers.reduce_from_phantom = lambda x, group: x
-    layers._Shard._check_group = lambda self: None
+    # The first/last layers' and the norms' all-reduces (a norm's statistics: this rank's partial sums).
+    layers.copy_to_phantom = layers.reduce_from_phantom = norms.reduce_statistics = lambda x, group: x
+    shard._Sharded._check_group = lambda self: None
     try:
         yield
     finally:
         (operator.start_all_gather, operator.start_reduce_scatter, operator.wait, layers.copy_to_phantom,
-         layers.reduce_from_phantom, layers._Shard._check_group) = saved
+         layers.reduce_from_phantom, shard._Sharded._check_group, norms.reduce_statistics) = saved
 
 
 def tp_rank_shards(sizes: list[int], p: int, **factory) -> nn.Sequential:
@@ -145,19 +166,54 @@ def _measure(ctx: Context, model: nn.Module, x: torch.Tensor, repeats: int) -> d
     return {"seconds": seconds, "joules": joules, "repeats": repeats, "window_s": wall}
 
 
-def per_rank_compute(ctx: Context) -> dict:
+def _projection_model():
     import projection
+
+    gpu = projection.GPUS["h100"]
+    args = SimpleNamespace(mfu=0.5, alpha_intra_us=5.0, alpha_inter_us=10.0, overlap=True, busy_power=1.0,
+                           comm_power=0.4, bytes_per_param=2)
+    return projection.Model(args, gpu, 1.0), gpu, args
+
+
+def project(row: dict, measured: dict, costs: dict, p: int) -> dict:
+    """``row`` with each side's measured compute + the optimizer and the network of the α–β model
+    (``projection.Model.step`` of a cost with ``per_layer``, ``scheme``, ``rows`` and ``params``)."""
+    model, gpu, args = _projection_model()
+    for side, cost in costs.items():
+        analytic = model.step(cost, p)
+        optimizer_s = analytic["compute"] - sum(
+            2 * (layer.macs_fwd + layer.macs_bwd) / model.rate for layer in cost.per_layer)
+        seconds = measured[side]["seconds"] + optimizer_s + analytic["exposed"]
+        joules = None
+        if measured[side]["joules"] is not None:
+            # p ranks' measured compute + the optimizer and exposed network at the model's powers
+            joules = p * (measured[side]["joules"] + gpu["tdp_w"] * (
+                args.busy_power * optimizer_s + args.comm_power * analytic["exposed"]))
+        row[side] = {"measured": measured[side], "optimizer_s": optimizer_s,
+                     "exposed_comm_s": analytic["exposed"], "comm_s": analytic["comm"],
+                     "projected_s": seconds, "projected_J": joules, "flops": cost.flops}
+    row["time_ratio"] = row["PP"]["projected_s"] / row["TP"]["projected_s"]
+    row["compute_ratio"] = measured["PP"]["seconds"] / measured["TP"]["seconds"]
+    row["energy_ratio"] = row["PP"]["projected_J"] / row["TP"]["projected_J"] if row["PP"]["projected_J"] else None
+    row["flop_ratio"] = costs["PP"].flops / costs["TP"].flops
+    print(f"  {row.get('kind', 'ffn')} p={p} n={row['width']} k={row['ghosts']}: compute PP/TP "
+          f"{row['compute_ratio']:.3f} (FLOPs {row['flop_ratio']:.3f}), projected time {row['time_ratio']:.3f}"
+          + (f", energy {row['energy_ratio']:.3f}" if row["energy_ratio"] else ""), flush=True)
+    return row
+
+
+def per_rank_compute(ctx: Context) -> dict:
     from lightning_phantom.cost.model import phantom_cost, tp_cost
     from lightning_phantom.nn.layers import PhantomFFN
 
     dtype = torch.bfloat16
-    gpu = projection.GPUS["h100"]
-    args = SimpleNamespace(mfu=0.5, alpha_intra_us=5.0, alpha_inter_us=10.0, overlap=True, busy_power=1.0,
-                           comm_power=0.4, bytes_per_param=2)
-    model = projection.Model(args, gpu, 1.0)
-    rows = []
+    rows, blocks, left_out = [], [], []
+    ctx.partial.update(rows=rows, block_rows=blocks, stopped_early=left_out)
     for p in ctx.ps:
         for n in ctx.widths:
+            if ctx.time_left() <= 0:
+                left_out.append(f"ffn p={p} n={n}")
+                continue
             k = min(ctx.ghosts, n // p)
             sizes = [n] * (ctx.layers + 3)  # d_in = d_out = n: every layer is wide
             x = torch.randn(ctx.rows, n, device=ctx.device, dtype=dtype)
@@ -170,33 +226,71 @@ def per_rank_compute(ctx: Context) -> dict:
             measured["TP"] = _measure(ctx, tp, x, 3 if ctx.dry_run else 20)
             del tp
             costs = {"PP": phantom_cost(sizes, p, k, ctx.rows, 2), "TP": tp_cost(sizes, p, ctx.rows, 2)}
-            row = {"p": p, "width": n, "ghosts": k, "rows": ctx.rows, "sizes": sizes}
-            for side, cost in costs.items():
-                analytic = model.step(cost, p)
-                optimizer_s = analytic["compute"] - sum(
-                    2 * (layer.macs_fwd + layer.macs_bwd) / model.rate for layer in cost.per_layer)
-                seconds = measured[side]["seconds"] + optimizer_s + analytic["exposed"]
-                joules = None
-                if measured[side]["joules"] is not None:
-                    # p ranks' measured compute + the optimizer and exposed network at the model's powers
-                    joules = p * (measured[side]["joules"] + gpu["tdp_w"] * (
-                        args.busy_power * optimizer_s + args.comm_power * analytic["exposed"]))
-                row[side] = {"measured": measured[side], "optimizer_s": optimizer_s,
-                             "exposed_comm_s": analytic["exposed"], "comm_s": analytic["comm"],
-                             "projected_s": seconds, "projected_J": joules, "flops": cost.flops}
-            row["time_ratio"] = row["PP"]["projected_s"] / row["TP"]["projected_s"]
-            row["compute_ratio"] = measured["PP"]["seconds"] / measured["TP"]["seconds"]
-            row["energy_ratio"] = (row["PP"]["projected_J"] / row["TP"]["projected_J"]
-                                   if row["PP"]["projected_J"] else None)
-            row["flop_ratio"] = costs["PP"].flops / costs["TP"].flops
-            rows.append(row)
-            print(f"  p={p} n={n} k={k}: compute PP/TP {row['compute_ratio']:.3f} (FLOPs {row['flop_ratio']:.3f}), "
-                  f"projected time {row['time_ratio']:.3f}"
-                  + (f", energy {row['energy_ratio']:.3f}" if row["energy_ratio"] else ""), flush=True)
-    return {"rows": rows, "model": {"gpu": gpu["name"], **vars(args)}}
+            rows.append(project({"p": p, "width": n, "ghosts": k, "rows": ctx.rows, "sizes": sizes}, measured, costs,
+                                p))
+            ctx.save()
+    for p in ctx.ps:
+        for d in ctx.block_widths:
+            if ctx.time_left() <= 0:
+                left_out.append(f"block p={p} d={d}")
+                continue
+            blocks.append(block_row(ctx, p, d))
+            ctx.save()
+    model, gpu, args = _projection_model()
+    return {"rows": rows, "block_rows": blocks, "stopped_early": left_out,
+            "model": {"gpu": gpu["name"], **vars(args)}}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def tp_rank_block(d: int, heads: int, p: int, **factory) -> nn.Module:
+    """One rank's shards of the app's GPT block under torchtitan's plan (``parallelize_block``): q, k, v and
+    fc1 of its h/p heads and f/p neurons, out and fc2 of their inputs; norms whole."""
+    from lightning_phantom.app.gpt import Block
+
+    block = Block(d, heads, 4).to(**factory)
+    attn, mlp = block.attn, block.mlp
+    attn.q, attn.k, attn.v = (nn.Linear(d, d // p, **factory) for _ in range(3))
+    attn.out = nn.Linear(d // p, d, **factory)
+    mlp.fc1, mlp.fc2 = nn.Linear(d, 4 * d // p, **factory), nn.Linear(4 * d // p, d, **factory)
+    return block
+
+
+def block_row(ctx: Context, p: int, d: int) -> dict:
+    """PP against TP for one transformer block on rank 0 of p (see the module docstring), measured and projected."""
+    from dataclasses import replace
+
+    from lightning_phantom.cost.transformer import stack_cost
+    from lightning_phantom.nn.transformer import PhantomTransformerEncoderLayer
+
+    dtype, heads = torch.bfloat16, max(p, d // 128)
+    seq = min(ctx.seq, ctx.rows)
+    batch, k = ctx.rows // seq, min(ctx.ghosts, d // p)
+    factory = {"device": ctx.device, "dtype": dtype}
+    repeats = 3 if ctx.dry_run else 20
+    measured = {}
+    with local_only():
+        pp = PhantomTransformerEncoderLayer(d, heads, 4 * d, 0.0, "gelu", batch_first=True, norm_first=True,
+                                            ghosts=k, causal=True, shard=(0, p), **factory)
+        x = torch.randn(batch, seq, d // p, requires_grad=True, **factory)
+        measured["PP"] = _measure(ctx, pp, x, repeats)
+    del pp
+    x = torch.randn(batch, seq, d, requires_grad=True, **factory)
+    measured["TP"] = _measure(ctx, tp_rank_block(d, heads, p, **factory), x, repeats)
+    costs = {}
+    for side, scheme, kinds in (("PP", "phantom", {"qkv": "phantom", "out": "phantom", "fc1": "phantom",
+                                                     "fc2": "phantom"}),
+                                ("TP", "tensor", {"qkv": "colwise", "fc1": "colwise"})):
+        block = stack_cost(scheme, d, heads, 4 * d, 1, p, batch, seq, k, 2, norm_first=True,
+                           input_requires_grad=True).blocks[0]
+        # The projection's overlap: PP's local blocks hide the ghost exchange, TP's weight gradients its
+        # backward all-reduce.
+        parts = [replace(x, kind=kinds.get(x.kind, x.kind)) for x in block.parts]
+        costs[side] = SimpleNamespace(per_layer=parts, scheme="phantom" if side == "PP" else "tp", rows=batch * seq,
+                                      params=block.params, flops=block.flops)
+    return project({"kind": "block", "p": p, "width": d, "ghosts": k, "heads": heads, "rows": batch * seq,
+                    "seq": seq}, measured, costs, p)
+
+
+def plot(rows: list[dict], path: Path, block_rows: Optional[list] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,13 +305,20 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].plot(widths, [r["time_ratio"] for r in mine], "o-", label=f"p={p}")
         if all(r["energy_ratio"] for r in mine):
             axes[2].plot(widths, [r["energy_ratio"] for r in mine], "o-", label=f"p={p}")
+    for p in sorted({r["p"] for r in block_rows or []}):
+        mine = [r for r in block_rows if r["p"] == p]
+        widths = [r["width"] for r in mine]
+        axes[0].plot(widths, [r["compute_ratio"] for r in mine], "s--", label=f"block p={p} measured")
+        axes[1].plot(widths, [r["time_ratio"] for r in mine], "s--", label=f"block p={p}")
+        if all(r["energy_ratio"] for r in mine):
+            axes[2].plot(widths, [r["energy_ratio"] for r in mine], "s--", label=f"block p={p}")
     for ax, title in zip(axes, ["per-rank compute PP/TP", "projected time per step PP/TP",
                                 "projected energy per step PP/TP"]):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("width n")
+        ax.set_xlabel("width n (FFN), d (block)")
         ax.set_title(title)
         ax.axhline(1.0, color="grey", lw=0.5)
-        if ax.lines:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -402,6 +503,54 @@ def _open_nvml(device: torch.device):
         return None, None
 
 
+class Stopped(Exception):
+    """SIGTERM/SIGINT: the step running stops, what it measured is written."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _run_steps(ctx: Context, report: dict, only: Optional[list], write: Callable) -> tuple[list, Optional[str]]:
+    """Every step (of ``only``) in order, each into ``report``; none starts once the budget is spent or a
+    signal came. Returns the failed steps and the signal's name, if one stopped the run."""
+    failed, stopped = [], None
+    for name, fn in all_steps():
+        if only and name not in only:
+            continue
+        if stopped or ctx.time_left() <= 0:
+            report["stopped_early"].append(name)
+            continue
+        try:
+            stopped = _run_step(ctx, report, name, fn, write, failed)
+        except Stopped as signame:  # between steps: the next ones are left out
+            stopped = str(signame)
+    return failed, stopped
+
+
+def _run_step(ctx: Context, report: dict, name: str, fn: Callable, write: Callable, failed: list) -> Optional[str]:
+    """One step into ``report["steps"][name]`` (and ``failed``), gpu.json written after it; the signal's name
+    if one stopped it."""
+    stopped = None
+    print(f"[{name}]", flush=True)
+    start = time.perf_counter()
+    ctx.partial, ctx.save = {}, (lambda name=name: write(name))
+    try:
+        report["steps"][name] = {"ok": True, **fn(ctx)}
+        report["stopped_early"] += [f"{name}: {case}" for case in report["steps"][name].get("stopped_early", [])]
+    except Stopped as signame:
+        stopped = str(signame)
+        report["steps"][name] = {"ok": False, "error": f"stopped by {stopped}", **ctx.partial}
+        failed.append(name)
+    except Exception:  # noqa: BLE001 - one broken step must not hide the others' figures
+        report["steps"][name] = {"ok": False, "error": traceback.format_exc(), **ctx.partial}
+        failed.append(name)
+        print(report["steps"][name]["error"], file=sys.stderr)
+    report["steps"][name]["seconds"] = time.perf_counter() - start
+    write()  # after every step: a crash keeps what was measured
+    return stopped
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -412,44 +561,55 @@ def main(argv=None) -> int:
     parser.add_argument("--ghosts", type=int, default=32)
     parser.add_argument("--rows", type=int, default=8192, help="tokens per step per rank (default 8192)")
     parser.add_argument("--layers", type=int, default=4, help="hidden n -> n layers (default 4)")
+    parser.add_argument("--block-widths", type=int, nargs="+", default=[4096, 8192],
+                        help="transformer block widths d (head width 128, MLP 4d; default 4096 8192)")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence in the block (default 2048)")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="seconds after which no step or case starts (default 330; see the module docstring)")
     parser.add_argument("--steps", nargs="+", help="run only these steps (names from STEPS)")
     args = parser.parse_args(argv)
     if args.dry_run:
         device = torch.device("cpu")
-        args.widths, args.rows, args.ghosts = [64, 128], 16, 4
+        args.widths, args.rows, args.ghosts, args.block_widths, args.seq = [64, 128], 16, 4, [32], 8
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA device: run on an NVIDIA GPU, or pass --dry-run")
         device = torch.device("cuda", torch.cuda.current_device())
     for p in args.p:
-        for n in args.widths:
+        for n in args.widths + args.block_widths:
             if n % p:
                 parser.error(f"width {n} is not divisible by p = {p}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     nvml, handle = (None, None) if args.dry_run else _open_nvml(device)
-    ctx = Context(args.dry_run, device, out, args.widths, args.p, args.ghosts, args.rows, args.layers, nvml, handle)
+    ctx = Context(args.dry_run, device, out, args.widths, args.p, args.ghosts, args.rows, args.layers, nvml, handle,
+                  deadline=time.perf_counter() + args.budget_s, seq=args.seq, block_widths=args.block_widths)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "dry_run": args.dry_run, "steps": {}}
-    failed = []
-    for name, fn in all_steps():
-        if args.steps and name not in args.steps:
-            continue
-        print(f"[{name}]", flush=True)
-        start = time.perf_counter()
-        try:
-            report["steps"][name] = {"ok": True, **fn(ctx)}
-        except Exception:  # noqa: BLE001 - one broken step must not hide the others' figures
-            report["steps"][name] = {"ok": False, "error": traceback.format_exc()}
-            failed.append(name)
-            print(report["steps"][name]["error"], file=sys.stderr)
-        report["steps"][name]["seconds"] = time.perf_counter() - start
-        with open(out / "gpu.json", "w") as f:  # after every step: a crash keeps what was measured
-            json.dump(report, f, indent=1, default=str)
+                    "torch": torch.__version__, "dry_run": args.dry_run, "budget_s": args.budget_s, "steps": {},
+                    "stopped_early": []}
+
+    def write(running: Optional[str] = None) -> None:
+        """gpu.json now; ``running``: the step under way, with what it has measured."""
+        steps = dict(report["steps"])
+        if running is not None:
+            steps[running] = {"ok": None, "running": True, **ctx.partial}
+        with open(out / "gpu.json", "w") as f:
+            json.dump({**report, "steps": steps}, f, indent=1, default=str)
+
+    handlers = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        failed, stopped = _run_steps(ctx, report, args.steps, write)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    write()  # with the steps left out
     compute = report["steps"].get("per_rank_compute", {})
     if compute.get("rows"):
-        plot(compute["rows"], out / "gpu.png")
+        plot(compute["rows"], out / "gpu.png", compute.get("block_rows"))
     print(f"wrote {out / 'gpu.json'}" + (f" and {out / 'gpu.png'}" if compute.get("rows") else ""))
+    if report["stopped_early"]:
+        print(f"left out ({'stopped by ' + stopped if stopped else f'time budget of {args.budget_s:g} s spent'}): "
+              f"{report['stopped_early']}", file=sys.stderr)
     if failed:
         print(f"FAILED steps: {failed}", file=sys.stderr)
     return 1 if failed else 0

@@ -1,6 +1,6 @@
-"""One transformer block, tensor-parallel against dense, side by side: training step and forward only.
+"""One transformer block, phantom (PP) against tensor parallelism (TP), side by side: training step and forward only.
 
-    python benchmarks/transformer.py                         # d = 1024 and 2048, p = 2
+    python benchmarks/transformer.py                         # d = 1024 and 2048, p = 2, k = 32
     python benchmarks/transformer.py --widths 1024 --reps 5 --json
     python benchmarks/transformer.py --gpt --widths 128 --heads 4 --batch 16 --seq 64 --reps 20
 
@@ -10,29 +10,34 @@ out, fc1 → GELU → fc2, ``F.scaled_dot_product_attention`` causal), ``--heads
 stack). The script spawns ``p`` gloo processes (one thread each) and builds, from one seeded dense
 block, each side:
 
+* **PP** — the block as ``model=gpt strategy=phantom`` runs it: one block of the phantom stack
+  (``PhantomTransformerEncoderLayer``, ``--ghosts`` ghosts in each of its 4 phantom layers) on this
+  rank's d/p columns of the residual stream, which stays split between blocks (the stack's entry
+  and exit, once per stack, are not part of a block).
 * **TP** — the block laid out with ``parallelize_block`` (torchtitan's plan, what ``model=gpt
   strategy=tp`` runs): colwise q/k/v/fc1, rowwise out/fc2, 2 all-reduces of rows·d each way.
 * **dense** — the whole block on every rank: the reference TP divides (the FLOP ratio TP/dense
-  is 1/p).
-* **scores** — the attention scores alone, ``scaled_dot_product_attention`` on the TP rank's
-  h/p heads (forward, and forward + backward for the step), to say how much of TP's step they are:
-  phantom parallelism, which compresses what crosses between ranks, does not reduce them.
+  is 1/p), a check of the measurement itself.
+* **scores** — the attention scores alone, ``scaled_dot_product_attention`` on one rank's h/p heads
+  (forward, and forward + backward for the step), the same in PP and TP: phantom parallelism, which
+  compresses what crosses between ranks and the linears' off-diagonal blocks, does not reduce them.
+  Their share of each side's step is reported.
+
+Each measured PP/TP time ratio is printed beside the cost model's multiply-add ratio
+(``lightning_phantom.cost.transformer.stack_cost``, one block), training step and forward.
 
 ``--gpt`` times the app's whole GPT under TP instead (``parallelize_gpt``, loss and backward as
 ``GPTModule`` runs them), with the head replicated against vocab-parallel (``loss_parallel``): the
 measurement behind ``model.tp_head``'s default.
-
-The phantom block (PP) joins as a side of its own when phantom transformer blocks exist; its
-PP/TP ratio is then read against the cost model's FLOP ratio in the same way.
 
 A training step is forward, backward of ``(out · g).sum()`` for a fixed random ``g``, and a fused
 AdamW step; forward only runs under ``torch.no_grad``. Cases alternate in a rotating order,
 ``--warmup`` + ``--reps`` each; each rank times its own case from a barrier, the slowest rank sets a
 repetition's time, and the report gives medians of wall time and of CPU time (the process's own:
 the work a step costs, steadier than wall time when other jobs share the cores). Bytes and
-multiply-adds of one TP step are counted (``CommCounter``, ``LocalFlopCounterMode``) and printed
-beside ``lightning_phantom.cost.gpt.tp_block_cost``. On a shared machine read the ratios of CPU
-times, and re-run final figures on a quiet one.
+multiply-adds of one step of PP, TP and dense are counted (``CommCounter``, ``LocalFlopCounterMode``)
+and checked against the cost model. On a shared machine read the ratios of CPU times, and re-run
+final figures on a quiet one.
 """
 
 from __future__ import annotations
@@ -51,15 +56,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lightning_phantom.app.gpt import Block
+import lightning_phantom.app.gpt_blocks  # noqa: F401  the GPT's blocks as a stack kind phantom converts
+from lightning_phantom.app.gpt import Block, Blocks
 from lightning_phantom.app.tensor_parallel import GPT_HEADS, parallelize_block, parallelize_gpt
 from lightning_phantom.cost.counting import CommCounter, LocalFlopCounterMode
-from lightning_phantom.cost.gpt import tp_block_cost
+from lightning_phantom.cost.transformer import stack_cost
+from lightning_phantom.nn.convert import to_phantom
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as when run as a script, also when imported
 from overheads import join_process_group  # noqa: E402
 
-SIDES = ("TP", "dense", "scores")
+SIDES = ("PP", "TP", "dense", "scores")
+COUNTED = ("PP", "TP", "dense")
 MODES = ("train", "forward")
 
 
@@ -100,16 +108,20 @@ def _case(module, loss_of, optimizer) -> dict:
 
 
 def build(side: str, width: int, args, p: int) -> dict:
-    """One side's case (``_case``): the block (TP or dense) or the scores alone, on an input that
-    needs grad, loss ``(out · g).sum()``, fused AdamW."""
+    """One side's case (``_case``): the block (PP, TP or dense) or the scores alone, on an input that
+    needs grad (PP: this rank's columns of it), loss ``(out · g).sum()``, fused AdamW."""
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.manual_seed(0)  # the same dense block and data on every rank
     dense = Block(width, args.heads, args.mlp_ratio)
     x = torch.randn(args.batch, args.seq, width)
-    if side == "scores":  # q, k, v of this TP rank's heads
+    if side == "scores":  # q, k, v of one rank's heads
         module = Scores()
         x = torch.randn(3, args.batch, args.heads // p, args.seq, width // args.heads)
+    elif side == "PP":  # one block of the phantom stack, on this rank's columns of the stream
+        stack = to_phantom(Blocks([copy.deepcopy(dense)]), args.ghosts, dist.group.WORLD, init="svd")
+        module, rank = stack.layers[0], dist.get_rank()
+        x = x[..., rank * width // p:(rank + 1) * width // p].contiguous()
     elif side == "TP":
         module = parallelize_block(copy.deepcopy(dense), init_device_mesh("cpu", (p,)))
     else:
@@ -181,7 +193,7 @@ def measure(width: int, args) -> dict:
     """On every rank: the block's sides timed (``time_cases``), TP's and dense's step counted."""
     p = dist.get_world_size()
     cases = {side: build(side, width, args, p) for side in SIDES}
-    counted = {side: count(cases[side]) for side in ("TP", "dense")}
+    counted = {side: count(cases[side]) for side in COUNTED}
     return {"times": time_cases(cases, args), "counted": counted}
 
 
@@ -195,51 +207,72 @@ def measure_heads(args) -> dict:
                                        for mode in MODES for clock in ("wall_s", "cpu_s")}} for head in GPT_HEADS}
 
 
+def block_cost(side: str, width: int, args, p: int):
+    """The cost model's figures for one block of a stack (``stack_cost``'s first block, input needing grad)."""
+    scheme, q = {"PP": ("phantom", p), "TP": ("tensor", p), "dense": ("tensor", 1)}[side]
+    return stack_cost(scheme, width, args.heads, args.mlp_ratio * width, 1, q, args.batch, args.seq, args.ghosts,
+                      norm_first=True, input_requires_grad=True).blocks[0]
+
+
 def summarise(width: int, raw: dict, args, p: int) -> dict:
     """The row the report prints: times, ratios and the cost model's figures for one width."""
     t = raw["times"]
-    model = {side: tp_block_cost(width, args.mlp_ratio * width, q, args.batch, args.seq)
-             for side, q in (("TP", p), ("dense", 1))}
-    rows, seq = args.batch * args.seq, args.seq
-    row = {"width": width, "p": p, "heads": args.heads, "batch": args.batch, "seq": seq, "reps": args.reps}
+    model = {side: block_cost(side, width, args, p) for side in COUNTED}
+    row = {"width": width, "p": p, "ghosts": args.ghosts, "heads": args.heads, "batch": args.batch, "seq": args.seq,
+           "reps": args.reps}
     for (side, mode), v in t.items():
         row[f"{side}_{mode}_ms"], row[f"{side}_{mode}_cpu_ms"] = 1e3 * v["wall_s"], 1e3 * v["cpu_s"]
     for mode in MODES:
         for clock in ("wall_s", "cpu_s"):
             tag = "" if clock == "wall_s" else "_cpu"
+            row[f"pp_tp_{mode}{tag}"] = t[("PP", mode)][clock] / t[("TP", mode)][clock]
             row[f"tp_dense_{mode}{tag}"] = t[("TP", mode)][clock] / t[("dense", mode)][clock]
-            row[f"scores_share_{mode}{tag}"] = t[("scores", mode)][clock] / t[("TP", mode)][clock]
-    row["flop_ratio_tp_dense"] = model["TP"].macs / model["dense"].macs  # 1/p
-    scores_macs = 7 * rows * seq * width // p  # QKᵀ and PV forward, 5 products backward (cost/gpt.py)
-    row["scores_flop_share_train"] = scores_macs / model["TP"].macs
-    row["scores_flop_share_forward"] = (2 * rows * seq * width // p) / model["TP"].macs_fwd
-    for side in ("TP", "dense"):
+            for side in ("PP", "TP"):
+                row[f"scores_share_{side}_{mode}{tag}"] = t[("scores", mode)][clock] / t[(side, mode)][clock]
+    scores = model["TP"].part("attention")  # the same h/p heads on a PP rank
+    for mode, macs in (("train", lambda c: c.macs), ("forward", lambda c: c.macs_fwd)):
+        row[f"flop_ratio_pp_tp_{mode}"] = macs(model["PP"]) / macs(model["TP"])
+        row[f"flop_ratio_tp_dense_{mode}"] = macs(model["TP"]) / macs(model["dense"])  # 1/p
+        for side in ("PP", "TP"):
+            row[f"scores_flop_share_{side}_{mode}"] = macs(scores) / macs(model[side])
+    row["bytes_ratio_pp_tp"] = float(model["PP"].sent_bytes / model["TP"].sent_bytes)
+    for side in COUNTED:
         row[f"{side}_sent_bytes"], row[f"{side}_macs"] = raw["counted"][side]["sent_bytes"], raw["counted"][side]["macs"]
         row[f"{side}_model_bytes"], row[f"{side}_model_macs"] = float(model[side].sent_bytes), model[side].macs
     row["counts_match_model"] = all(row[f"{s}_sent_bytes"] == row[f"{s}_model_bytes"]
-                                    and row[f"{s}_macs"] == row[f"{s}_model_macs"] for s in ("TP", "dense"))
+                                    and row[f"{s}_macs"] == row[f"{s}_model_macs"] for s in COUNTED)
     return row
 
 
 def report(rows: list[dict], args) -> str:
-    lines = [f"One GPT block, p = {args.p}, {args.heads} heads, MLP {args.mlp_ratio}·d, {args.batch} × {args.seq} "
-             f"tokens, float32, gloo, 1 thread per rank; medians of {args.reps} repetitions (slowest rank), "
-             f"after {args.warmup} warm-up; wall ms / CPU ms.",
-             f"{'d':>5} | {'TP train':>15} {'dense train':>15} {'TP/dense':>11} | {'TP fwd':>15} {'dense fwd':>15} "
-             f"{'TP/dense':>11} | {'FLOP 1/p':>8} | {'scores % of TP step':>19} {'(FLOPs)':>7} | counted = model"]
+    lines = [f"One GPT block, p = {args.p}, k = {args.ghosts}, {args.heads} heads, MLP {args.mlp_ratio}·d, "
+             f"{args.batch} × {args.seq} tokens, float32, gloo, 1 thread per rank; medians of {args.reps} "
+             f"repetitions (slowest rank), after {args.warmup} warm-up; times wall ms / CPU ms, ratios wall / CPU.",
+             f"{'d':>5} {'mode':>7} | {'PP':>15} {'TP':>15} {'dense':>15} | {'PP/TP':>11} {'FLOPs':>5} | "
+             f"{'TP/dense':>11} {'FLOPs':>5} | {'scores % of PP':>14} {'(FLOPs)':>7} | {'scores % of TP':>14} "
+             f"{'(FLOPs)':>7}"]
     lines.append("-" * len(lines[-1]))
     for r in rows:
-        def pair(key: str) -> str:
-            return f"{r[key + '_ms']:7.1f}/{r[key + '_cpu_ms']:7.1f}"
+        for mode in MODES:
+            def pair(side: str) -> str:
+                return f"{r[f'{side}_{mode}_ms']:7.1f}/{r[f'{side}_{mode}_cpu_ms']:7.1f}"
 
-        lines.append(
-            f"{r['width']:>5} | {pair('TP_train')} {pair('dense_train')} {r['tp_dense_train']:5.3f}/"
-            f"{r['tp_dense_train_cpu']:5.3f} | {pair('TP_forward')} {pair('dense_forward')} "
-            f"{r['tp_dense_forward']:5.3f}/{r['tp_dense_forward_cpu']:5.3f} | {r['flop_ratio_tp_dense']:8.3f} | "
-            f"{100 * r['scores_share_train']:8.1f}/{100 * r['scores_share_train_cpu']:4.1f} % "
-            f"{100 * r['scores_flop_share_train']:6.1f}% | {r['counts_match_model']}")
-    lines.append("scores: attention scores (SDPA on the TP rank's heads) as a share of TP's training step, wall/CPU; "
-                 "(FLOPs): their share of the step's multiply-adds in the cost model.")
+            def ratio(key: str) -> str:
+                return f"{r[f'{key}_{mode}']:5.3f}/{r[f'{key}_{mode}_cpu']:5.3f}"
+
+            def share(side: str) -> str:
+                return (f"{100 * r[f'scores_share_{side}_{mode}']:6.1f}/{100 * r[f'scores_share_{side}_{mode}_cpu']:5.1f}%"
+                        f" {100 * r[f'scores_flop_share_{side}_{mode}']:6.1f}%")
+
+            lines.append(f"{r['width']:>5} {mode:>7} | {pair('PP')} {pair('TP')} {pair('dense')} | {ratio('pp_tp')} "
+                         f"{r[f'flop_ratio_pp_tp_{mode}']:5.3f} | {ratio('tp_dense')} "
+                         f"{r[f'flop_ratio_tp_dense_{mode}']:5.3f} | {share('PP')} | {share('TP')}")
+    lines.append("FLOPs: the cost model's ratio of multiply-adds (cost.transformer.stack_cost, one block). scores: "
+                 "attention scores (SDPA on one rank's h/p heads, the same in PP and TP) as a share of each side's "
+                 "step, measured wall/CPU and (FLOPs) in the cost model.")
+    lines.append("bytes per block PP/TP (cost model): " + ", ".join(
+        f"d = {r['width']}: {r['bytes_ratio_pp_tp']:.4f}" for r in rows)
+        + "; counted bytes and multiply-adds = model: " + ", ".join(f"{r['counts_match_model']}" for r in rows))
     return "\n".join(lines)
 
 
@@ -283,6 +316,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--mlp-ratio", type=int, default=4)
+    parser.add_argument("--ghosts", type=int, default=32, help="PP: ghosts per rank of each phantom layer, default 32")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per case (median), default 5")
@@ -300,6 +334,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for width in args.widths:
         if width % args.heads:
             parser.error(f"width {width} is not divisible by --heads {args.heads}")
+        if not args.gpt and not 1 <= args.ghosts <= width // args.p:
+            parser.error(f"--ghosts {args.ghosts} must be in 1 .. d/p = {width // args.p} for width {width}: a rank "
+                         f"compresses its d/p features into at most that many")
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
     return args

@@ -27,6 +27,11 @@ def test_gpu_script_dry_run_runs_every_step(tmp_path):
             assert r[side]["measured"]["seconds"] > 0 and r[side]["comm_s"] > 0
             assert r[side]["projected_s"] > r[side]["measured"]["seconds"]
         assert 0 < r["flop_ratio"] < 1
+    block, = steps["per_rank_compute"]["block_rows"]  # the transformer block, PP and TP, the same way
+    assert (block["kind"], block["p"], block["width"]) == ("block", 2, 32) and 0 < block["flop_ratio"] < 1
+    for side in ("PP", "TP"):
+        assert block[side]["measured"]["seconds"] > 0 and block[side]["comm_s"] > 0
+    assert report["stopped_early"] == [] and report["budget_s"] == 330
     assert steps["energy_meter"]["monitor_J"] > 0 and steps["energy_meter"]["sampled_power_J"] > 0
     assert steps["nccl_world1"]["steps"] == 4 and steps["nccl_world1"]["all_reduce_ok"]
     assert (tmp_path / "gpu.png").stat().st_size > 0
@@ -43,6 +48,43 @@ def test_gpu_script_takes_the_cluster_checks_steps(monkeypatch):
     monkeypatch.setitem(sys.modules, "gpu_cluster_checks", extra)
     assert [name for name, _ in gpu.all_steps()][-1] == "cluster"
     assert [name for name, _ in gpu.all_steps()][:4] == [name for name, _ in gpu.STEPS]
+
+
+def test_gpu_script_keeps_to_its_budget_and_writes_what_it_has_when_stopped(tmp_path, monkeypatch):
+    import signal
+    import time
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu
+
+    # The budget runs out after per_rank_compute's first case: the others are listed, not run.
+    ctx = gpu.Context(True, torch.device("cpu"), tmp_path, [64, 128], [2], 4, 16, 1, seq=8, block_widths=[32])
+    ctx.save = lambda: setattr(ctx, "deadline", 0.0)
+    out = gpu.per_rank_compute(ctx)
+    assert [r["width"] for r in out["rows"]] == [64] and out["block_rows"] == []
+    assert out["stopped_early"] == ["ffn p=2 n=128", "block p=2 d=32"]
+
+    def measuring(ctx):  # a job's time limit arrives mid-step
+        ctx.partial["rows"] = ["measured"]
+        ctx.save()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    def later(ctx):
+        raise AssertionError("a step ran after the signal")
+
+    monkeypatch.setattr(gpu, "all_steps", lambda: [("measuring", measuring), ("later", later)])
+    before = signal.getsignal(signal.SIGTERM)
+    assert gpu.main(["--dry-run", "--p", "2", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["steps"]["measuring"]["error"] == "stopped by SIGTERM"
+    assert report["steps"]["measuring"]["rows"] == ["measured"] and report["stopped_early"] == ["later"]
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert gpu.main(["--dry-run", "--p", "2", "--out", str(tmp_path), "--budget-s", "0"]) == 0
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["steps"] == {} and report["stopped_early"] == ["measuring", "later"]
 
 
 def _data_axis_blocks(argv: list[str]) -> dict:

@@ -168,23 +168,27 @@ def _head_benchmark(argv: list[str]) -> dict:
 
 
 def test_transformer_benchmark_times_every_case_and_counts_what_the_model_says():
-    """benchmarks/transformer.py's measurement on 2 ranks, tiny: every case timed, TP's bytes and
-    multiply-adds (and the dense block's) equal cost.gpt's tp_block_cost; the whole GPT's head
-    replicated against vocab-parallel (--gpt) differs by what cost.gpt says."""
-    argv = ["--widths", "32", "--heads", "4", "--seq", "8", "--batch", "2", "--reps", "1", "--warmup", "0"]
+    """benchmarks/transformer.py's measurement on 2 ranks, tiny: every case timed; PP's, TP's and the dense
+    block's bytes and multiply-adds equal cost.transformer's one block; the whole GPT's head replicated
+    against vocab-parallel (--gpt) differs by what cost.gpt says."""
+    argv = ["--widths", "32", "--heads", "4", "--seq", "8", "--batch", "2", "--reps", "1", "--warmup", "0",
+            "--ghosts", "3"]
     row, = run_ranks(2, _block_benchmark, argv)[0]
     assert row["counts_match_model"] and row["TP_sent_bytes"] == 4 * 2 * 8 * 32 * 4  # 4 all-reduces, ring = 1
-    assert row["flop_ratio_tp_dense"] == 0.5
-    for side in ("TP", "dense", "scores"):
+    # PP: 4 ghost all-gathers forward and 4 reduce-scatters backward of (p-1)·rows·k values, and the 2 norms'
+    # all-reduces of 2 statistics per row each way: a quarter of TP's bytes here.
+    assert row["PP_sent_bytes"] == 8 * 16 * 3 * 4 + 4 * 2 * 16 * 4 and row["bytes_ratio_pp_tp"] == 0.25
+    assert row["flop_ratio_tp_dense_train"] == 0.5 and 0 < row["flop_ratio_pp_tp_train"] < 1
+    for side in ("PP", "TP", "dense", "scores"):
         for mode in ("train", "forward"):
             assert row[f"{side}_{mode}_ms"] > 0 and row[f"{side}_{mode}_cpu_ms"] >= 0
     transformer = _benchmark()
-    assert "counted = model" in transformer.report([row], transformer.parse_args(argv))
+    assert "counted bytes and multiply-adds = model: True" in transformer.report([row], transformer.parse_args(argv))
     heads = run_ranks(2, _head_benchmark, argv + ["--gpt", "--layers", "1"])[0]
     rep, vp = heads["replicated"], heads["vocab_parallel"]
     assert vp["sent_bytes"] == rep["sent_bytes"] + 2 * 8 * 32 * 4 + 3 * 2 * 8 * 4  # + rows·d back, 3 × rows
     assert rep["macs"] - vp["macs"] == 3 * 2 * 8 * 32 * 256 // 2  # half the head's multiply-adds
     assert "vocab-parallel / replicated" in transformer.report_heads(heads, transformer.parse_args(argv))
-    for bad in (["--heads", "3"], ["--widths", "100"], ["--p", "1"]):
+    for bad in (["--heads", "3"], ["--widths", "100"], ["--p", "1"], ["--widths", "32", "--ghosts", "17"]):
         with pytest.raises(SystemExit):
             transformer.parse_args(bad)

@@ -41,6 +41,9 @@ def test_check_config_plans_the_gpt(compose):
     assert check_config(compose(*GPT, "strategy=ddp")).data_parallel == 2
     assert check_config(compose(*GPT, "strategy=single")).world_size == 1
     assert check_config(compose(*GPT, "strategy=tp", "trainer.devices=4")).group_size == 4
+    plan = check_config(compose(*GPT, "strategy=phantom", "strategy.ghosts=8"))  # 2 blocks, 4 phantom layers each
+    assert (plan.strategy, plan.group_size, plan.data_parallel, plan.ghosts) == ("phantom", 2, 1, [8] * 8)
+    assert check_config(compose(*GPT, "strategy=phantom", "model.compile=true")).strategy == "phantom"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -55,7 +58,15 @@ def test_check_config_plans_the_gpt(compose):
     ([*GPT, "model.dropout=1.5"], "model.dropout must be a number in [0, 1), got 1.5"),
     ([*GPT, "model.context=32"], "model.vocab=256 and model.context=32 must hold the data's tokens (data.vocab=256) "
      "and windows (data.context=128)"),
-    ([*GPT, "strategy=phantom"], "strategy=phantom cannot shard model=gpt in this version"),
+    ([*GPT, "strategy=phantom", "model.width=96", "model.heads=3"],
+     "strategy=phantom splits model.heads = 3 over its 2 ranks, but 3 % 2 = 1; use a multiple of 2"),
+    ([*GPT, "strategy=phantom", "strategy.ghosts=65"],
+     "strategy.ghosts=65 does not fit model=gpt (4 phantom layers per block, reading 128, 128, 128 and 512 "
+     "features) on phantom groups of 2: ghosts=65 is too large for gpt.blocks, phantom layer 1: a rank holds "
+     "n_in/p = 128/2 = 64 neurons"),
+    ([*GPT, "strategy=phantom", "strategy.plan={gpt.head: {}}"],
+     "strategy.plan={'gpt.head': {}} does not fit the app's GPT (its blocks are 'gpt.blocks') on phantom groups "
+     "of 2: plan pattern names 'gpt.head', which cannot be sharded"),
 ])
 def test_check_config_says_what_to_fix_for_the_gpt(compose, overrides, message):
     from lightning_phantom.app.cli import ConfigError, check_config
@@ -64,14 +75,15 @@ def test_check_config_says_what_to_fix_for_the_gpt(compose, overrides, message):
         check_config(compose(*overrides))
 
 
-def test_compare_gpt_plans_the_same_gpt_on_2_and_4_ranks(compose):
+def test_compare_gpt_plans_the_same_gpt_for_phantom_on_2_and_tp_on_2_and_4_ranks(compose):
     from omegaconf import OmegaConf
 
     from lightning_phantom.app.compare import plan_runs
 
     planned = plan_runs(compose(name="compare_gpt"), [])
     assert {name: (plan.strategy, plan.world_size) for name, (_, _, plan) in planned.items()} == {
-        "tp-2": ("tp", 2), "tp-4": ("tp", 4)}
+        "phantom-2": ("phantom", 2), "tp-2": ("tp", 2), "tp-4": ("tp", 4)}
+    assert planned["phantom-2"][2].ghosts == [16] * 8  # 2 blocks of 4 phantom layers
     configs = [cfg for _, cfg, _ in planned.values()]
     for key in ("model", "data", "seed", "target_loss", "trainer.max_steps"):
         assert len({json.dumps(OmegaConf.to_container(OmegaConf.select(c, key), resolve=True)
@@ -79,9 +91,12 @@ def test_compare_gpt_plans_the_same_gpt_on_2_and_4_ranks(compose):
                     for c in configs}) == 1, key
 
 
-def test_compare_gpt_runs_tp_ddp_and_one_device_and_counts_what_the_model_predicts(tmp_path):
+def test_compare_gpt_runs_phantom_tp_ddp_and_one_device_and_counts_what_the_model_predicts(tmp_path):
+    from lightning_phantom.cost.gpt import GPTShape, gpt_cost
+
     out = tmp_path / "cmp"
-    runs = ("compare.runs=[{name:tp-2,overrides:['strategy=tp','trainer.devices=2']},"
+    runs = ("compare.runs=[{name:phantom-2,overrides:['strategy=phantom','trainer.devices=2','strategy.ghosts=2']},"
+            "{name:tp-2,overrides:['strategy=tp','trainer.devices=2']},"
             "{name:tp-4,overrides:['strategy=tp','trainer.devices=4']},"
             "{name:ddp-2,overrides:['strategy=ddp','trainer.devices=2']},"
             "{name:single-1,overrides:['strategy=single']}]")
@@ -91,7 +106,8 @@ def test_compare_gpt_runs_tp_ddp_and_one_device_and_counts_what_the_model_predic
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = {row["name"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
     assert {name: (row["strategy"], row["ranks"]) for name, row in rows.items()} == {
-        "tp-2": ("tp", 2), "tp-4": ("tp", 4), "ddp-2": ("ddp", 2), "single-1": ("single", 1)}
+        "phantom-2": ("phantom", 2), "tp-2": ("tp", 2), "tp-4": ("tp", 4), "ddp-2": ("ddp", 2),
+        "single-1": ("single", 1)}
     for name, row in rows.items():
         assert row["sent_matches_model"] is True, (name, row)
         assert row["macs_per_step"] == row["macs_model"] and row["params_per_rank"] == row["params_per_rank_model"]
@@ -115,5 +131,11 @@ def test_compare_gpt_runs_tp_ddp_and_one_device_and_counts_what_the_model_predic
     # TP sends 4 all-reduces of rows·d per block, ring 2(p-1)/p: 4 ranks send 3/2 of what 2 send.
     assert Fraction(rows["tp-4"]["sent_bytes_per_step"]) / Fraction(rows["tp-2"]["sent_bytes_per_step"]) == \
         Fraction(3, 2)
+    # Phantom on the same 2 ranks sends less than TP by the factor of the cost model (ghosts 2 of d/p = 8).
+    shape, (batch, seq) = GPTShape(256, 16, 1, 4, 32, 16), (4, 16)
+    factor = gpt_cost(shape, batch, seq, 2, scheme="phantom", ghosts=2).sent_bytes / gpt_cost(shape, batch, seq, 2).sent_bytes
+    assert Fraction(rows["phantom-2"]["sent_bytes_per_step"]) / Fraction(rows["tp-2"]["sent_bytes_per_step"]) == \
+        factor < 1
+    assert rows["phantom-2"]["ghosts"] == "2" and rows["phantom-2"]["params_per_rank"] < rows["single-1"]["params_model"]
     table = (out / "compare.md").read_text()
     assert "val bpc" in table and "nats per character" in table and "ESTIMATE" in table

@@ -115,18 +115,35 @@ def _devices(trainer_cfg: Any) -> int:
     return _int("trainer.devices", devices)
 
 
-def _check_phantom(s: DictConfig, strategy: Any, model: Any, world: int, nodes: int, width: int, depth: int):
-    """The strategy's own checks, run here before any process starts: the layout, and its plan
-    (``strategy.ghosts``, ``strategy.plan``) of the model, found as the strategy finds it."""
-    from lightning_phantom.nn.plan import plan_module
+def _phantom_layout(s: DictConfig, world: int, nodes: int):
     from lightning_phantom.strategy.layout import PhantomLayout
 
     try:
-        layout = PhantomLayout.resolve(s.get("data_parallel_size", "auto"),
-                                       s.get("phantom_parallel_size", "auto"), world, nodes)
+        return PhantomLayout.resolve(s.get("data_parallel_size", "auto"), s.get("phantom_parallel_size", "auto"),
+                                     world, nodes)
     except ValueError as e:
         raise ConfigError(f"strategy=phantom on trainer.devices × trainer.num_nodes = {world} ranks: "
                           f"{e}") from None
+
+
+def _phantom_ghosts(s: DictConfig, strategy: Any, model: Any, p: int, ghosts_fit: str, plan_fit: str) -> list[int]:
+    """The strategy's plan (``strategy.ghosts``, ``strategy.plan``) of the model, found as the strategy finds
+    it; the ghosts of every phantom layer in order, or a ConfigError saying what does not fit what."""
+    from lightning_phantom.nn.plan import plan_module
+
+    given = OmegaConf.to_container(s)
+    try:
+        found = plan_module(model, strategy.plan, p)
+    except ValueError as e:
+        what = (f"strategy.plan={given['plan']!r} does not fit {plan_fit}" if given.get("plan") else
+                f"strategy.ghosts={given.get('ghosts', 'auto')!r} does not fit {ghosts_fit}")
+        raise ConfigError(f"{what} on phantom groups of {p}: {e}") from None
+    return [k for ffn, _ in found.convert for k in ffn.ghosts] + [k for stack, _ in found.stacks for k in stack.ghosts]
+
+
+def _check_phantom(s: DictConfig, strategy: Any, model: Any, world: int, nodes: int, width: int, depth: int):
+    """The strategy's own checks, run here before any process starts: the layout, and its plan of the FFN."""
+    layout = _phantom_layout(s, world, nodes)
     p = layout.phantom
     if depth < 1:
         raise ConfigError("strategy=phantom needs at least one hidden width -> width layer to make phantom; "
@@ -135,15 +152,9 @@ def _check_phantom(s: DictConfig, strategy: Any, model: Any, world: int, nodes: 
         raise ConfigError(f"model.width={width} is not divisible by the phantom group size {p} "
                           f"({width} % {p} = {width % p}); every rank holds width/p neurons. Use a multiple "
                           f"of {p}")
-    given = OmegaConf.to_container(s)
-    try:
-        found = plan_module(model, strategy.plan, p)
-    except ValueError as e:
-        what = (f"strategy.plan={given['plan']!r} does not fit the app's model (its FFN is 'net', "
-                f"model.width={width})" if given.get("plan") else
-                f"strategy.ghosts={given.get('ghosts', 'auto')!r} does not fit model.width={width}")
-        raise ConfigError(f"{what} on phantom groups of {p}: {e}") from None
-    return p, layout.data, [k for ffn, _ in found.convert for k in ffn.ghosts]
+    ghosts = _phantom_ghosts(s, strategy, model, p, f"model.width={width}",
+                             f"the app's model (its FFN is 'net', model.width={width})")
+    return p, layout.data, ghosts
 
 
 def _check_tp(s: DictConfig, world: int, nodes: int, sizes: list[int]) -> tuple[int, int]:
@@ -194,16 +205,18 @@ def _check_gpt(cfg: DictConfig, kind: str, world: int, nodes: int) -> tuple[list
                           f"{cfg.data.get('context')}); leave them as ${{data.vocab}} and ${{data.context}}")
     if m.get("tp_head") not in GPT_HEADS:
         raise ConfigError(f"model.tp_head must be one of {', '.join(GPT_HEADS)}, got {m.get('tp_head')!r}")
-    if kind == "phantom":
-        raise ConfigError("strategy=phantom cannot shard model=gpt in this version (phantom transformer stacks "
-                          "are not in it yet); use strategy=tp, ddp or single")
-    group, data = (1, world) if kind != "tp" else _tp_layout(cfg.strategy, world, nodes)
+    group, data = (1, world)
+    if kind == "tp":
+        group, data = _tp_layout(cfg.strategy, world, nodes)
+    elif kind == "phantom":
+        layout = _phantom_layout(cfg.strategy, world, nodes)
+        group, data = layout.phantom, layout.data
     sharded = [("model.heads", settings["heads"])]  # then width and MLP width are divisible too
-    if m.tp_head == "vocab_parallel":
+    if kind == "tp" and m.tp_head == "vocab_parallel":
         sharded.append(("model.vocab", settings["vocab"]))
-    for name, n in sharded if kind == "tp" else ():
+    for name, n in sharded if kind in ("tp", "phantom") else ():
         if n % group:
-            raise ConfigError(f"strategy=tp splits {name} = {n} over its {group} ranks, but {n} % {group} = "
+            raise ConfigError(f"strategy={kind} splits {name} = {n} over its {group} ranks, but {n} % {group} = "
                               f"{n % group}; use a multiple of {group}")
     return [settings["vocab"]] + [settings["width"]] * settings["layers"] + [settings["vocab"]], group, data
 
@@ -243,6 +256,11 @@ def check_config(cfg: DictConfig) -> Plan:
     if m.get("_target_") == GPT_MODULE:  # the language model: checks of its own
         sizes, group, data = _check_gpt(cfg, kind, world, nodes)
         built = build_run(cfg, meta=True)
+        if kind == "phantom":
+            w, f = m.width, m.mlp_ratio * m.width
+            ghosts = _phantom_ghosts(cfg.strategy, built.strategy, built.model, group,
+                                     f"model=gpt (4 phantom layers per block, reading {w}, {w}, {w} and {f} features)",
+                                     "the app's GPT (its blocks are 'gpt.blocks')")
     elif cfg.data.get("_target_") == TEXT_DATA:
         raise ConfigError("data=text is a byte corpus for the language model; add model=gpt")
     else:

@@ -90,6 +90,21 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class Blocks(nn.ModuleList):
+    """The blocks in order, as one module: the residual stream goes through each in turn.
+
+    A ``ModuleList`` (the state-dict keys are ``blocks.0.ln1.weight`` …) with a forward of its own,
+    so that a strategy can treat the stack as one module: ``strategy=phantom`` replaces it whole
+    by a phantom stack (``lightning_phantom.app.gpt_blocks`` registers it), which keeps the stream
+    split over the ranks from the first block to the last.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            x = block(x)
+        return x
+
+
 class GPT(nn.Module):
     """Token ids (B, T) -> logits (B, T, vocab), causal; T <= context."""
 
@@ -103,7 +118,7 @@ class GPT(nn.Module):
         self.mlp_ratio, self.context = mlp_ratio, context
         self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(layers))
+        self.blocks = Blocks(Block(width, heads, mlp_ratio, dropout) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab)
         self.reset_parameters()
@@ -127,6 +142,4 @@ class GPT(nn.Module):
             raise ValueError(f"the GPT takes at most model.context={self.context} tokens, got {T}")
         positions = torch.arange(T, device=tokens.device)
         x = self.dropout(self.tok(tokens) + self.pos(positions))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
+        return self.head(self.ln_f(self.blocks(x)))

@@ -9,7 +9,10 @@
   default all-reduce hook, which the recorder registers on CPU (Lightning registers hooks on
   CUDA only).
 * multiply-adds: the next step inside ``LocalFlopCounterMode`` (FLOPs / 2; it counts each rank's
-  own matmuls, DTensor's included). Neither counted step is timed.
+  own matmuls, DTensor's included). Neither counted step is timed. Both run eagerly
+  (``torch.compiler.set_stance("force_eager")``) when the model is compiled (``model.compile``):
+  the counters are dispatch modes, under which compiled code does not run; the collectives and
+  matmuls of the eager step are the compiled step's.
 * step time: ``on_train_batch_start`` → ``on_train_batch_end`` after ``measure.warmup_steps``;
   a step lasts as long as its slowest rank; the median is reported.
 * memory: ``state`` = bytes of parameters + gradients + optimizer state this rank holds (a
@@ -104,32 +107,59 @@ def _count_ddp(model) -> None:
         model.register_comm_hook(None, allreduce_hook)
 
 
-def predicted_cost(strategy: str, module, group_size: int, world_size: int, input_shape, element_size: int) -> dict:
-    """The cost model's params, multiply-adds and sent bytes per rank for one training step of
-    ``module`` on a batch of ``input_shape``.
+#: Precisions whose linears compute in 16 bits (autocast) while the parameters, the data and what is
+#: computed outside the linears keep their own dtype.
+MIXED = ("bf16-mixed", "16-mixed")
 
-    A module with a ``step_cost(scheme, group_size, input_shape, element_size)`` method (the GPT)
-    gives its own figures for the scheme, "dense" for a whole model per rank; the FFN's come from
-    ``phantom_cost``/``tp_cost``. DDP adds its gradient all-reduce to the dense model's figures.
+
+def element_sizes(precision: str, parameter_size: int) -> tuple[int, int]:
+    """Bytes per value of (what the linears compute, the rest: parameters, data, residual stream) in a
+    run of Lightning ``precision`` with parameters of ``parameter_size`` bytes: the cost model's
+    ``element_size`` and ``input_element_size`` / ``stream_element_size``. Partial sums between ranks
+    go in ``accumulation_size`` of the former (float32 under 16 bits), which the cost model applies."""
+    return (2 if precision in MIXED else parameter_size), parameter_size
+
+
+def predicted_cost(strategy: str, module, group_size: int, world_size: int, input_shape, element_size: int,
+                   stream_element_size: Optional[int] = None) -> dict:
+    """The cost model's params, multiply-adds and sent bytes per rank for one training step of
+    ``module`` on a batch of ``input_shape``, with ``element_sizes``' two sizes (the second defaults
+    to the first).
+
+    A module with a ``step_cost(scheme, group_size, input_shape, element_size, stream_element_size)``
+    method (the GPT) gives its own figures for the scheme, "dense" for a whole model per rank; the
+    FFN's come from ``phantom_cost``/``tp_cost``. DDP adds its gradient all-reduce (of the parameters'
+    dtype) to the dense model's figures.
     """
     from lightning_phantom.cost.model import phantom_cost, tp_cost
     from lightning_phantom.nn.layers import PhantomFFN
 
     scheme = strategy if strategy in ("phantom", "tp") else "dense"
     rows = input_shape[0]
+    e, e_in = element_size, element_size if stream_element_size is None else stream_element_size
     if hasattr(module, "step_cost"):
-        cost = module.step_cost(scheme, group_size, input_shape, element_size)
+        cost = module.step_cost(scheme, group_size, input_shape, e, e_in)
     elif scheme == "phantom" and isinstance(module.net, PhantomFFN):
-        cost = phantom_cost(module.net.sizes, module.net.shard.size, module.net.ghosts, rows, element_size)
+        cost = phantom_cost(module.net.sizes, module.net.shard.size, module.net.ghosts, rows, e,
+                            input_element_size=e_in)
     elif scheme == "tp":
-        cost = tp_cost(list(module.sizes), group_size, rows, element_size)
+        cost = tp_cost(list(module.sizes), group_size, rows, e, input_element_size=e_in)
     else:  # one whole model per rank: a phantom group of one is exactly the dense FFN (cost.py)
         sizes = list(module.sizes)
-        cost = phantom_cost(sizes, 1, [1] * (len(sizes) - 3), rows, element_size)
+        cost = phantom_cost(sizes, 1, [1] * (len(sizes) - 3), rows, e)
     sent = cost.sent_bytes
     if strategy == "ddp":  # one all-reduce of every gradient per step, ring 2(p-1)/p (counting.py)
-        sent = Fraction(2 * (world_size - 1) * cost.params * element_size, world_size)
+        sent = Fraction(2 * (world_size - 1) * cost.params * e_in, world_size)
     return {"params": cost.params, "macs": cost.macs, "sent_bytes": sent}
+
+
+def _ghosts(module) -> Optional[list[int]]:
+    """Ghosts of every phantom layer of ``module``'s phantom FFNs and stacks, in module order; None if none."""
+    from lightning_phantom.nn.layers import PhantomFFN
+    from lightning_phantom.nn.transformer import PhantomTransformerEncoder
+
+    found = [k for m in module.modules() if isinstance(m, (PhantomFFN, PhantomTransformerEncoder)) for k in m.ghosts]
+    return found or None
 
 
 class RunRecorder(Callback):
@@ -145,7 +175,7 @@ class RunRecorder(Callback):
         self.energy = energy
         self.result: dict = {}
         self._sampler = _RssSampler(rss_period_s)
-        self._comm = self._flops = self._marker = None
+        self._comm = self._flops = self._marker = self._eager = None
         self._cuda = None
         self._losses: list = []
         self._local: dict[str, Any] = {"times": [], "train": [], "val": []}
@@ -179,13 +209,18 @@ class RunRecorder(Callback):
 
         self._step = trainer.global_step
         if self._step == self.count_step:
+            sizes = element_sizes(trainer.precision, next(pl_module.parameters()).element_size())
             self._local.update(rows=int(batch[0].shape[0]), input_shape=list(batch[0].shape),
-                               element_size=next(pl_module.parameters()).element_size())
+                               element_size=sizes[0], stream_element_size=sizes[1])
             self._comm, self._marker = CommCounter(), None
             self._comm.__enter__()
         elif self.count_step is not None and self._step == self.count_step + 1:
             self._flops = LocalFlopCounterMode(display=False)
             self._flops.__enter__()
+        if self._comm is not None or self._flops is not None:
+            import torch
+
+            self._eager = torch.compiler.set_stance("force_eager")  # until the end of this step
         self._sync()
         self._start = time.perf_counter()
 
@@ -197,6 +232,9 @@ class RunRecorder(Callback):
         self._sync()
         elapsed = time.perf_counter() - self._start
         counted = self._comm is not None or self._flops is not None
+        if self._eager is not None:
+            self._eager.__exit__(None, None, None)  # the stance before it
+            self._eager = None
         if self._comm is not None:
             self._comm.__exit__(None, None, None)
             records = self._comm.records
@@ -260,12 +298,12 @@ class RunRecorder(Callback):
         predicted = None
         if "rows" in first:
             cost = predicted_cost(plan.strategy, pl_module, plan.group_size, plan.world_size, first["input_shape"],
-                                  first["element_size"])
+                                  first["element_size"], first["stream_element_size"])
             predicted = {**cost, "sent_bytes": str(cost["sent_bytes"])}
         return {
             "strategy": plan.strategy, "world_size": plan.world_size, "group_size": plan.group_size,
             "data_parallel": plan.data_parallel, "sizes": list(getattr(pl_module, "sizes", [])),
-            "ghosts": list(getattr(getattr(pl_module, "net", None), "ghosts", None) or []) or None,
+            "ghosts": _ghosts(pl_module),
             # A model that is not the FFN names itself, counts its parameters and says what its loss is.
             **{key: getattr(pl_module, key) for key in ("model_name", "params_model", "loss_name")
                if hasattr(pl_module, key)},

@@ -1,45 +1,38 @@
 """The analytic cost of one training step of a GPT (``lightning_phantom.app.gpt``), per rank.
 
-``gpt_cost(shape, batch, seq, p)`` adds up the parts of the model: embeddings, ``layers``
-transformer blocks, the final norm and head, and (vocab-parallel head only) the parallel loss.
-With p = 1 it is the dense model on one rank; with p > 1 it is Megatron tensor parallelism as
-``lightning_phantom.app.tensor_parallel.parallelize_gpt`` lays it out with DTensor (checked call
-for call and byte for byte in tests/test_gpt.py). Totals use the conventions of
-``lightning_phantom.cost.model``: multiply-adds (MACs) as ``LocalFlopCounterMode`` counts them
-(FLOPs / 2, bias additions and element-wise work left out), bytes a rank hands to collectives in
-the ring convention of ``lightning_phantom.cost.counting``, exact as Fractions.
+``gpt_cost(shape, batch, seq, p, scheme=...)`` is the transformer stack of ``cost/transformer.py``
+(``stack_cost``: the ``layers`` pre-norm blocks, PP or Megatron TP, attention included) plus what
+the GPT has beyond a stack: the embeddings, the final norm, the head and, for a vocab-parallel
+head, the parallel loss. Schemes:
 
-Per block of width d, MLP width f, h heads, on rows = batch·seq tokens, per rank:
+* ``"tensor"``: Megatron TP as ``lightning_phantom.app.tensor_parallel.parallelize_gpt`` lays it out
+  with DTensor; p = 1 is the dense model on one rank. Embeddings, final norm and a replicated head
+  are whole on every rank and send nothing; a vocab-parallel head (``head="vocab_parallel"``) holds
+  V/p of the vocabulary, all-reduces the gradient of its input (rows·d) in backward, and its loss
+  (``loss_parallel``) all-reduces 3 values per row forward (the rows' maximum, sum of exponentials
+  and target logit).
+* ``"phantom"``: the blocks are one phantom stack (``strategy=phantom``: the residual stream is split
+  on entry, all-gathered once on exit; its input, the embeddings' output, needs a gradient, so the
+  split's backward all-gathers it); embeddings, final norm and head are replicated.
 
-==========================  =====================================  ==============================
-                            forward                                backward
-==========================  =====================================  ==============================
-q, k, v, out, fc1, fc2      rows·(4d² + 2df)/p MACs                twice that (input and weight
-                                                                   gradients)
-attention scores            2·rows·seq·d/p (QKᵀ and PV)            5·rows·seq·d/p (torch's FLOP
-                                                                   formula for the fused kernel:
-                                                                   scores recomputed, 4 products)
-collectives (p > 1)         all-reduce rows·d after out and fc2    all-reduce rows·d before q/k/v
-                                                                   and before fc1
-==========================  =====================================  ==============================
-
-The attention scores are counted over the whole seq × seq square, as torch's formula does,
-although a causal kernel may skip the masked half. Embeddings and norms cost no MACs (lookups
-and element-wise work) and, replicated, no collective.
-
-The TP block here is the provisional one until the transformer cost model
-(``cost/transformer.py``, phantom and TP blocks) lands; ``gpt_cost`` takes its block from
-``tp_block_cost`` alone, so that swapping it, and adding the phantom GPT, stays local.
+Totals use the conventions of ``lightning_phantom.cost.model``: multiply-adds (MACs) as
+``LocalFlopCounterMode`` counts them (FLOPs / 2; embeddings and norms cost none), bytes a rank hands
+to collectives in the ring convention, exact as Fractions; element sizes as ``stack_cost`` takes
+them (``element_size`` for what the linears compute, ``stream_element_size`` for the residual stream
+and what is computed outside the linears: 4 under autocast). tests/test_gpt.py and
+tests/test_gpt_phantom.py hold both schemes equal to what DTensor and the phantom stack issue and
+compute, call for call and byte for byte.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from fractions import Fraction
+from typing import Optional, Sequence, Union
 
 from lightning_phantom._checks import positive_int
-from lightning_phantom.cost.model import LayerCost, _ForwardBackward, _layer
+from lightning_phantom.cost.model import LayerCost, _layer
+from lightning_phantom.cost.transformer import SCHEMES, PartsCost, StackCost, stack_cost
+from lightning_phantom.nn.ghosts import GhostSpec
 
 HEADS = ("replicated", "vocab_parallel")
 
@@ -68,82 +61,57 @@ class GPTShape:
 
 
 @dataclass(frozen=True)
-class GPTCost(_ForwardBackward):
-    """Per-rank totals of one forward + backward, with the model's parts in ``parts``."""
+class GPTCost(PartsCost):
+    """Per-rank totals of one forward + backward; ``parts`` lists the model's parts in order (the stack's
+    included), ``stack`` is the blocks' own ``StackCost``."""
 
     shape: GPTShape
+    scheme: str
     group_size: int
     batch: int
     seq: int
     element_size: int
     head: str
-    parts: tuple[LayerCost, ...]
-    params: int
-    macs_fwd: int
-    macs_bwd: int
-    sent_bytes_fwd: Fraction
-    sent_bytes_bwd: Fraction
-
-    def payloads(self) -> list[tuple[str, int, str]]:
-        """Every collective as (kind, payload elements, phase), sorted: comparable with
-        ``sorted((r.op, r.numel, r.phase) for r in CommCounter().records)``."""
-        return sorted([(op, n, "forward") for part in self.parts for op, n in part.collectives_fwd]
-                      + [(op, n, "backward") for part in self.parts for op, n in part.collectives_bwd])
-
-    @property
-    def calls(self) -> Counter:
-        return Counter(op for op, _, _ in self.payloads())
+    stack: StackCost
 
 
-def _part(kind: str, n_in: int, n_out: int, params: int, macs_fwd: int = 0, macs_bwd: int = 0,
-          fwd: tuple = (), bwd: tuple = (), p: int = 1, e: int = 4) -> LayerCost:
-    """One part of the model; ``fwd``/``bwd``: its all-reduces as (kind, elements)."""
-    return _layer(kind, n_in, n_out, 0, params, macs_fwd, macs_bwd, p,
-                  fwd=tuple((op, n, e) for op, n in fwd), bwd=tuple((op, n, e) for op, n in bwd))
+def _outside(shape: GPTShape, rows: int, p: int, head: str, stream: int) -> tuple[list[LayerCost], list[LayerCost]]:
+    """The parts before the stack (embeddings) and after it (final norm, head, loss)."""
+    d, V = shape.width, shape.vocab
+    before = [_layer("embedding", V, d, 0, (V + shape.context) * d, 0, 0, p)]
+    after = [_layer("norm_final", d, d, 0, 2 * d, 0, 0, p)]
+    if head == "vocab_parallel" and p > 1:  # colwise over the vocabulary, then loss_parallel's reductions
+        macs = rows * d * V // p
+        after += [_layer("head", d, V, 0, (d * V + V) // p, macs, 2 * macs, p, bwd=[("all_reduce", rows * d, stream)]),
+                  _layer("loss", V, 1, 0, 0, 0, 0, p, fwd=[("all_reduce", rows, stream)] * 3)]
+    else:
+        after.append(_layer("head", d, V, 0, d * V + V, rows * d * V, 2 * rows * d * V, p))
+    return before, after
 
 
-def tp_block_cost(width: int, hidden: int, p: int, batch: int, seq: int, element_size: int = 4) -> LayerCost:
-    """One pre-norm block (``app/gpt.py``'s ``Block``), Megatron TP over p ranks (p = 1: dense), one
-    training step on ``batch`` sequences of ``seq`` tokens; see the module's table."""
-    d, f, rows, e = width, hidden, batch * seq, element_size
-    linears = rows * (4 * d * d + 2 * d * f) // p
-    scores = rows * seq * d // p  # one of the two products QKᵀ, PV
-    params = (4 * d * d + 2 * d * f) // p + (3 * d + f) // p + 2 * d + 4 * d  # colwise biases split; rowwise
-    reduce = (("all_reduce", rows * d),) * 2 if p > 1 else ()                  # biases and 2 norms whole
-    return _part("block", d, d, params, linears + 2 * scores, 2 * linears + 5 * scores, reduce, reduce, p, e)
-
-
-def gpt_cost(shape: GPTShape, batch: int, seq: int, p: int = 1, head: str = "replicated",
-             element_size: int = 4) -> GPTCost:
+def gpt_cost(shape: GPTShape, batch: int, seq: int, p: int = 1, head: str = "replicated", element_size: int = 4, *,
+             scheme: str = "tensor", ghosts: Union[GhostSpec, Sequence[int]] = "auto",
+             stream_element_size: Optional[int] = None) -> GPTCost:
     """Per-rank cost of one training step on ``batch`` sequences of ``seq`` tokens (see the module
-    docstring); ``head``: ``"replicated"`` or ``"vocab_parallel"`` (``parallelize_gpt``'s)."""
+    docstring); ``scheme`` "tensor" (``head``: ``parallelize_gpt``'s) or "phantom" (``ghosts``: the
+    stack's, four per block; the head replicated)."""
     p, e = positive_int("p", p, 1), positive_int("element_size", element_size, 1)
     batch, seq = positive_int("batch", batch, 1), positive_int("seq", seq, 1)
+    stream = e if stream_element_size is None else positive_int("stream_element_size", stream_element_size, 1)
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if seq > shape.context:
         raise ValueError(f"seq {seq} is longer than the GPT's context {shape.context}")
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head not in HEADS or (scheme == "phantom" and head != "replicated"):
+        raise ValueError(f"head must be one of {HEADS} ('replicated' for scheme 'phantom'), got {head!r}")
+    how = "tensor parallelism" if scheme == "tensor" else "phantom parallelism"
     sharded = [("heads", shape.heads), ("hidden", shape.hidden)] + ([("vocab", shape.vocab)]
                                                                      if head == "vocab_parallel" else [])
     for name, n in sharded:
         if n % p:
-            raise ValueError(f"{name} = {n} is not divisible by p = {p}; tensor parallelism splits it over "
-                             "the ranks")
-    d, V, rows = shape.width, shape.vocab, batch * seq
-    parts = [_part("embedding", V, d, (V + shape.context) * d)]
-    parts += [tp_block_cost(d, shape.hidden, p, batch, seq, e) for _ in range(shape.layers)]
-    parts.append(_part("norm", d, d, 2 * d))
-    if head == "vocab_parallel" and p > 1:  # colwise over the vocabulary, then loss_parallel's reductions
-        head_macs = rows * d * V // p
-        parts.append(_part("head", d, V, (d * V + V) // p, head_macs, 2 * head_macs,
-                           bwd=(("all_reduce", rows * d),), p=p, e=e))
-        # Cross-entropy on sharded logits: the rows' maximum, sum of exponentials and target logit.
-        parts.append(_part("loss", V, 1, 0, fwd=(("all_reduce", rows),) * 3, p=p, e=e))
-    else:
-        parts.append(_part("head", d, V, d * V + V, rows * d * V, 2 * rows * d * V))
-    return GPTCost(
-        shape=shape, group_size=p, batch=batch, seq=seq, element_size=e, head=head, parts=tuple(parts),
-        params=sum(part.params for part in parts), macs_fwd=sum(part.macs_fwd for part in parts),
-        macs_bwd=sum(part.macs_bwd for part in parts),
-        sent_bytes_fwd=sum((part.sent_bytes_fwd for part in parts), Fraction(0)),
-        sent_bytes_bwd=sum((part.sent_bytes_bwd for part in parts), Fraction(0)))
+            raise ValueError(f"{name} = {n} is not divisible by p = {p}; {how} splits it over the ranks")
+    stack = stack_cost(scheme, shape.width, shape.heads, shape.hidden, shape.layers, p, batch, seq, ghosts, e,
+                       norm_first=True, input_requires_grad=True, stream_element_size=stream)
+    before, after = _outside(shape, batch * seq, p, head, stream)
+    return GPTCost.of(before + list(stack.parts) + after, shape=shape, scheme=scheme, group_size=p, batch=batch,
+                      seq=seq, element_size=e, head=head, stack=stack)

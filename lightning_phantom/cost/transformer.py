@@ -17,9 +17,13 @@ batch × seq), part by part (docs/operator.md §10.6, §10.8):
   ``torch.utils.flop_counter`` counts SDPA: 2 products of L × L × e per head forward, 5
   backward (the scores recomputed), or 4 in the math form that attention dropout uses.
 
-Bytes follow ``cost/model.py``'s ring convention and element sizes: ghosts and activations
-in ``element_size``; sums of partial results (the ghost-gradient reduce-scatter, the norm
-statistics) in at least float32, as ``ops/comm.py`` and ``nn/norms.py`` send them.
+Bytes follow ``cost/model.py``'s ring convention and element sizes: ghosts and the linears'
+outputs in ``element_size``; sums of partial results (the ghost-gradient reduce-scatter, the norm
+statistics) in ``accumulation_size`` of the values summed (at least float32), as ``ops/comm.py``
+and ``nn/norms.py`` send them; what the blocks pass between their linears — the residual stream
+(PP's entry and exit) and the norms' outputs, whose gradients TP's column-parallel linears
+all-reduce — in ``stream_element_size``. Under autocast only the linears compute in 16 bits, so
+that is the stream's own float32 (4) while ``element_size`` is 2; otherwise the two are equal.
 """
 
 from __future__ import annotations
@@ -27,18 +31,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from lightning_phantom._checks import positive_int
-from lightning_phantom.cost.model import LayerCost, _ForwardBackward, _layer, _ratio, norm_cost
+from lightning_phantom.cost.model import LayerCost, _ForwardBackward, _layer, _ratio, accumulation_size, norm_cost
 from lightning_phantom.nn.ghosts import GhostSpec, resolve_ghosts
 
 SCHEMES = ("phantom", "tensor")
-
-
-def _sum_size(element_size: int) -> int:
-    """Bytes per element of a sum of partial results: float32 for 16-bit elements (``accumulation_dtype``)."""
-    return max(element_size, 4)
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,11 @@ class PartsCost(_ForwardBackward):
     sent_bytes_bwd: Fraction
 
     @classmethod
-    def of(cls, parts: Sequence[LayerCost]) -> "PartsCost":
+    def of(cls, parts: Sequence[LayerCost], **fields):
+        """The totals over ``parts``; ``fields``: a subclass's own."""
         return cls(tuple(parts), sum(x.params for x in parts), sum(x.macs_fwd for x in parts),
                    sum(x.macs_bwd for x in parts), sum((x.sent_bytes_fwd for x in parts), Fraction(0)),
-                   sum((x.sent_bytes_bwd for x in parts), Fraction(0)))
+                   sum((x.sent_bytes_bwd for x in parts), Fraction(0)), **fields)
 
     def part(self, kind: str) -> LayerCost:
         return next(x for x in self.parts if x.kind == kind)
@@ -90,17 +90,17 @@ def _linear(kind: str, n_in: int, n_out: int, p: int, k: int, rows: int, e: int,
     # Backward: dL, dD, dC and the ghost gradients always; dX (local block and through C) if needed.
     bwd = 2 * fwd - (0 if input_grad else rows * (c * a + k * a))
     return _layer(kind, n_in, n_out, k, c * a + c * bias + k * a + (p - 1) * c * k, fwd, bwd, p,
-                  [("all_gather", rows * k, e)], [("reduce_scatter", p * rows * k, _sum_size(e))])
+                  [("all_gather", rows * k, e)], [("reduce_scatter", p * rows * k, accumulation_size(e))])
 
 
 def _megatron(kind: str, n_in: int, n_out: int, p: int, rows: int, e: int, bias: bool, column: bool,
-              input_grad: bool) -> LayerCost:
-    """A Megatron column-parallel (backward: input-gradient all-reduce) or row-parallel (forward: output
-    all-reduce; bias replicated) linear on one rank."""
+              input_grad: bool, stream: int) -> LayerCost:
+    """A Megatron column-parallel (backward: all-reduce of the gradient of its input, a norm's output, in
+    ``stream`` bytes) or row-parallel (forward: output all-reduce; bias replicated) linear on one rank."""
     comm = p > 1
     if column:
         fwd = rows * (n_out // p) * n_in
-        reduce = [("all_reduce", rows * n_in, e)] if comm and input_grad else []
+        reduce = [("all_reduce", rows * n_in, stream)] if comm and input_grad else []
         return _layer(kind, n_in, n_out, 0, (n_out // p) * (n_in + bias), fwd, fwd * (1 + input_grad), p, (),
                       reduce)
     fwd = rows * n_out * (n_in // p)
@@ -114,11 +114,12 @@ def _attention(d: int, heads: int, p: int, batch: int, seq: int, math: bool) -> 
     return _layer("attention", d, d, 0, 0, 2 * per_product, (4 if math else 5) * per_product, p)
 
 
-def _norm(scheme: str, kind: str, d: int, p: int, rows: int, e: int, bias: bool) -> LayerCost:
+def _norm(scheme: str, kind: str, d: int, p: int, rows: int, stream: int, bias: bool) -> LayerCost:
     per_feature = 1 + bias if kind == "layernorm" else 1
     if scheme == "tensor":  # replicated on every rank: nothing sent
         return _layer(kind, d, d, 0, per_feature * d, 0, 0, p)
-    return replace(norm_cost(kind, d, p, rows, _sum_size(e)), params=per_feature * (d // p))
+    # Statistics of the stream, summed in accumulation_size(stream) bytes (norm_cost).
+    return replace(norm_cost(kind, d, p, rows, stream), params=per_feature * (d // p))
 
 
 def _column_ends(p: int, rows: int, d: int, e: int, input_requires_grad: bool) -> tuple[LayerCost, LayerCost]:
@@ -131,12 +132,14 @@ def _column_ends(p: int, rows: int, d: int, e: int, input_requires_grad: bool) -
 def stack_cost(scheme: str, d_model: int, heads: int, dim_feedforward: int, layers: int, p: int, batch: int,
                seq: int, ghosts: Union[GhostSpec, Sequence[int]] = "auto", element_size: int = 4, *,
                norm_first: bool = False, final_norm: bool = False, norm: str = "layernorm", bias: bool = True,
-               input_requires_grad: bool = False, attention_dropout: bool = False) -> StackCost:
+               input_requires_grad: bool = False, attention_dropout: bool = False,
+               stream_element_size: Optional[int] = None) -> StackCost:
     """Per-rank cost of one forward + backward of a transformer stack (see the module docstring).
 
     ``ghosts`` is resolved as for the phantom stack (four phantom layers per block, reading d, d, d
     and f features); TP ignores it. ``attention_dropout``: training with attention dropout > 0, where
-    the phantom attention runs in its math form (TP's SDPA would too).
+    the phantom attention runs in its math form (TP's SDPA would too). ``stream_element_size``: bytes
+    of the residual stream (default ``element_size``; 4 under autocast, see the module docstring).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -144,6 +147,7 @@ def stack_cost(scheme: str, d_model: int, heads: int, dim_feedforward: int, laye
                                                                                         dim_feedforward)))
     p, layers = positive_int("p", p), positive_int("layers", layers)
     batch, seq, e = positive_int("batch", batch), positive_int("seq", seq), positive_int("element_size", element_size)
+    s = e if stream_element_size is None else positive_int("stream_element_size", stream_element_size)
     if d % h or h % p or f % p:
         raise ValueError(f"d_model ({d}) must be divisible by heads ({h}), and heads ({h}) and dim_feedforward "
                          f"({f}) by p ({p}); got {d} % {h} = {d % h}, {h} % {p} = {h % p}, {f} % {p} = {f % p}")
@@ -159,24 +163,21 @@ def stack_cost(scheme: str, d_model: int, heads: int, dim_feedforward: int, laye
                        for i, (kind, n_in, n_out) in enumerate((("qkv", d, 3 * d), ("out", d, d), ("fc1", d, f),
                                                                  ("fc2", f, d)))]
         else:
-            linears = [_megatron("qkv", d, 3 * d, p, rows, e, bias, True, grad_in),
-                       _megatron("out", d, d, p, rows, e, bias, False, True),
-                       _megatron("fc1", d, f, p, rows, e, bias, True, True),
-                       _megatron("fc2", f, d, p, rows, e, bias, False, True)]
+            linears = [_megatron("qkv", d, 3 * d, p, rows, e, bias, True, grad_in, s),
+                       _megatron("out", d, d, p, rows, e, bias, False, True, s),
+                       _megatron("fc1", d, f, p, rows, e, bias, True, True, s),
+                       _megatron("fc2", f, d, p, rows, e, bias, False, True, s)]
         qkv, out, fc1, fc2 = linears
-        norm1, norm2 = (replace(_norm(scheme, norm, d, p, rows, e, bias), kind=f"{norm}{i}") for i in (1, 2))
+        norm1, norm2 = (replace(_norm(scheme, norm, d, p, rows, s, bias), kind=f"{norm}{i}") for i in (1, 2))
         blocks.append(PartsCost.of([norm1, qkv, _attention(d, h, p, batch, seq, attention_dropout), out, norm2,
                                     fc1, fc2]))
     ends = []
     if scheme == "phantom":
-        entry, leave = _column_ends(p, rows, d, e, input_requires_grad)
+        entry, leave = _column_ends(p, rows, d, s, input_requires_grad)
         ends = [entry, leave]
     if final_norm:
-        ends.append(replace(_norm(scheme, norm, d, p, rows, e, bias), kind=f"{norm}_final"))
-    total = PartsCost.of([x for block in blocks for x in block.parts] + ends)
-    return StackCost(**{name: getattr(total, name) for name in ("parts", "params", "macs_fwd", "macs_bwd",
-                                                                "sent_bytes_fwd", "sent_bytes_bwd")},
-                     scheme=scheme, blocks=tuple(blocks))
+        ends.append(replace(_norm(scheme, norm, d, p, rows, s, bias), kind=f"{norm}_final"))
+    return StackCost.of([x for block in blocks for x in block.parts] + ends, scheme=scheme, blocks=tuple(blocks))
 
 
 @dataclass(frozen=True)
