@@ -144,6 +144,9 @@ class StepCollectives(Callback):
         self.counter.__exit__(None, None, None)
         self.steps.append((dict(self.counter.calls), self.counter.payload_bytes))
 
+    def on_exception(self, trainer, pl_module, exception):
+        self.counter.__exit__(None, None, None)  # the stopped step never reaches on_train_batch_end
+
 
 def train_with_poison(tmp_dir: str, kind: str, step: int, detect: bool, devices: int = 2,
                       data_parallel: str = "ddp", ranks: Optional[list[int]] = None):
