@@ -140,7 +140,8 @@ def test_plot_shows_the_target_and_ticks_where_the_curves_differ(tmp_path):
 
 def _sweep_result(strategy: str, ghosts, sent: int, joules: float) -> dict:
     """A result.json as RunRecorder writes it, for the plots' tests."""
-    rank = {"params": 100, "rows": 16, "sent_bytes": str(sent), "rss_peak": 2**20, "flops": 200}
+    rank = {"params": 100, "params_sharded": 98, "params_replicated": 2, "rows": 16, "sent_bytes": str(sent),
+            "rss_peak": 2**20, "flops": 200}
     return {"strategy": strategy, "world_size": 2, "group_size": 2, "data_parallel": 1, "sizes": [4, 8, 8, 2],
             "ghosts": [ghosts, ghosts] if ghosts else None, "steps": 8, "step_time_s": 0.01, "wall_s": 1.0,
             "final_train_loss": 0.2, "final_val_loss": 0.2, "per_rank": [rank, rank],

@@ -62,7 +62,8 @@ class GPTModule(pl.LightningModule):
         self.save_hyperparameters()
         self.gpt = GPT(vocab, width, layers, heads, mlp_ratio, context, dropout)
         self.shape = GPTShape(vocab, width, layers, heads, mlp_ratio * width, context)
-        self.params_model = self.shape.params  # the whole dense model, each parameter once
+        # The whole dense model, each parameter once (a phantom run counts its own: report.model_params).
+        self.params_model = self.shape.params
         self.model_name = f"gpt d={width} L={layers} h={heads} f={mlp_ratio * width} T={context} V={vocab}"
         self._vocab_parallel = False
 

@@ -200,6 +200,14 @@ class RunRecorder(Callback):
             torch.cuda.reset_peak_memory_stats(device)
         _trim_heap()
         self._local["params"] = sum(_local(p).numel() for p in pl_module.parameters())
+        # The whole model's parameters (report.model_params): each rank's phantom shard at its full size
+        # (a DTensor's numel is over the data replicas FSDP splits it across) apart from what every
+        # rank of the group holds a copy of.
+        from lightning_phantom.nn.layers import sharded_parameters
+
+        sharded = {id(p) for p in sharded_parameters(pl_module)}
+        self._local["params_sharded"] = sum(p.numel() for p in pl_module.parameters() if id(p) in sharded)
+        self._local["params_replicated"] = sum(p.numel() for p in pl_module.parameters() if id(p) not in sharded)
         self._local["threads"] = torch.get_num_threads()  # intra-op threads this rank computes with
         self._sampler.start()
         self._t0 = time.perf_counter()

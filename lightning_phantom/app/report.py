@@ -21,16 +21,18 @@ def _exact(value: Optional[str]) -> Optional[Fraction]:
 def model_params(result: dict) -> int:
     """Parameters of the whole model, each counted once (not once per rank or per replica).
 
-    TP, DDP and one device train the dense FFN (TP shards it, DDP replicates it). A phantom
-    group's ranks hold distinct blocks and ghost maps; only the output bias is on every rank.
+    TP, DDP and one device train the dense model (TP shards it, DDP replicates it). A phantom
+    group's ranks hold distinct shards (blocks and ghost maps), and each a copy of the rest
+    (the output bias; a GPT's embeddings, final norm and head): the shards summed over one
+    group, the copies once.
     """
+    sizes, ranks = result["sizes"], result["per_rank"]
+    if result["strategy"] == "phantom":
+        replicas = result.get("data_parallel", 1)
+        return sum(r["params_sharded"] for r in ranks) // replicas + ranks[0]["params_replicated"]
     if result.get("params_model") is not None:  # a model that counts its own (the GPT)
         return result["params_model"]
-    sizes, ranks = result["sizes"], result["per_rank"]
-    if result["strategy"] != "phantom":
-        return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
-    p, replicas = result["group_size"], result.get("data_parallel", 1)
-    return sum(r["params"] for r in ranks) // replicas - (p - 1) * sizes[-1]
+    return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
 
 
 def result_row(result: dict, run: str = "", job: str = "") -> dict:
