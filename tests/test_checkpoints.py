@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import lightning_phantom as lp
 from conftest import run_ranks
@@ -196,3 +197,128 @@ def test_rng_states_are_each_rank_s_own_or_rank_0_s():
     assert torch.equal(torch.rand(3), expected[2])
     restore_rng(saved, 3, 4)  # another world size: rank 0's
     assert torch.equal(torch.rand(3), expected[1])
+
+
+# ------------------------------------------------ what a user's module and optimizer add to a checkpoint
+class Tracker(nn.Module):
+    """State that is not a tensor (``get_extra_state``): a count of the batches trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    def get_extra_state(self) -> dict:
+        return {"batches": self.batches}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.batches = state["batches"]
+
+
+class CountingSGD(torch.optim.SGD):
+    """SGD with momentum (a tensor per parameter) and a Python int per parameter in its state."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["calls"] = self.state[p].get("calls", 0) + 1
+        return loss
+
+
+class Tracked(Regression):
+    def __init__(self, scale: bool = False, groups: int = 1) -> None:
+        super().__init__(optimizer="sgd", lr=0.1)
+        self.tracker, self.groups = Tracker(), groups
+        self.scale = nn.Parameter(torch.ones(())) if scale else None  # a parameter the checkpoint lacks
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if self.scale is None else out * self.scale
+
+    def training_step(self, batch, batch_idx):
+        self.tracker.batches += 1
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        params = list(self.parameters())
+        if self.groups == 1:
+            return CountingSGD(params, lr=0.1, momentum=0.9)
+        return CountingSGD([{"params": params[:1]}, {"params": params[1:], "lr": 0.05}], lr=0.1, momentum=0.9)
+
+
+def tracked(**kwargs) -> Tracked:
+    L.seed_everything(0, verbose=False)  # one initialisation for every run
+    return Tracked(**kwargs)
+
+
+def fit_tracked(model: Tracked, steps: int, ckpt: str = None, save_to: str = None) -> L.Trainer:
+    """Train; (``save_to``) checkpoint there at step 2, mid-epoch, as ModelCheckpoint does."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0, verbose=False)
+    loader = Batches(rows=64, batch_size=8, phantom=2)
+    saving = [ModelCheckpoint(dirpath=save_to, filename="{step}", every_n_train_steps=2, save_top_k=-1)]
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(timeout=60), max_steps=steps,
+                        logger=False, enable_checkpointing=bool(save_to), callbacks=saving if save_to else None,
+                        enable_progress_bar=False, enable_model_summary=False)
+    loader.trainer = trainer
+    trainer.fit(model, loader, ckpt_path=ckpt)
+    return trainer
+
+
+def _refusal(model: Tracked, ckpt: Path) -> tuple:
+    start = time.monotonic()
+    try:
+        fit_tracked(model, 3, str(ckpt))
+    except Exception as error:  # noqa: BLE001 - the test reads what every rank raised
+        return type(error).__name__, str(error), time.monotonic() - start
+    return None
+
+
+def resume_what_users_add(tmp: str) -> dict:
+    path = Path(tmp) / "step=2.ckpt"
+    whole, resumed = tracked(), tracked()
+    straight = fit_tracked(whole, 3, save_to=tmp)
+    again = fit_tracked(resumed, 3, str(path))
+    out = {
+        "batches": (resumed.tracker.batches, whole.tracker.batches),
+        "weights": all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items()
+                       if isinstance(v, torch.Tensor)),
+        "calls": sorted({s["calls"] for s in again.optimizers[0].state.values()}),
+        "momentum": all(torch.equal(a["momentum_buffer"], b["momentum_buffer"]) for a, b in
+                        zip(again.optimizers[0].state.values(), straight.optimizers[0].state.values())),
+        "extra parameter": _refusal(tracked(scale=True), path),
+        "other groups": _refusal(tracked(groups=2), path),
+    }
+    # The same shards, with a meta.pt that another strategy wrote (no "phantom" entry).
+    foreign = Path(tmp) / "foreign.ckpt"
+    if dist.get_rank() == 0:
+        import shutil
+
+        shutil.copytree(path, foreign)
+        meta = torch.load(foreign / "meta.pt", weights_only=True)
+        del meta["phantom"]
+        torch.save(meta, foreign / "meta.pt")
+    dist.barrier()
+    out["not phantom"] = _refusal(tracked(), foreign)
+    return out
+
+
+def test_a_user_s_extra_state_and_non_tensor_optimizer_state_resume_and_mismatches_are_refused(tmp_path):
+    for rank in run_ranks(2, resume_what_users_add, str(tmp_path), timeout=200):
+        assert rank["batches"] == (3, 3)  # get_extra_state came back, then one more batch
+        assert rank["weights"] and rank["momentum"]
+        assert rank["calls"] == [3]  # the ints in the optimizer's state, every parameter
+        expected = {
+            "extra parameter": ("RuntimeError", "missing keys ['scale']", "Set `strict_loading = False`"),
+            "other groups": ("ValueError", "The optimizer's parameter groups differ from those saved",
+                             "configure_optimizers() must build the same groups"),
+            "not phantom": ("ValueError", "foreign.ckpt' was not written by PhantomStrategy",
+                            "no 'phantom' entry"),
+        }
+        for name, (kind, what, fix) in expected.items():
+            assert rank[name] is not None, name
+            got, message, seconds = rank[name]
+            assert got == kind and what in message and fix in message, (name, message)
+            assert seconds < 20, (name, seconds)  # every rank raised: none waited for the 60 s timeout
