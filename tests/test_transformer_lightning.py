@@ -171,3 +171,80 @@ def test_user_language_model_trains_resumes_and_serves_dense(tmp_path):
         assert r["dense_err"] < 1e-5
         assert len(r["bf16_losses"]) == 2 and all(0 < x < 10 for x in r["bf16_losses"])
     assert results[0]["losses"] == results[1]["losses"]  # the loss is the same on both ranks
+
+
+def stacks_the_strategy_keeps_leaves_and_shares():
+    """A user's own phantom stack (built in configure_model on the strategy's group) is kept; a stack that
+    cannot be split is left dense with a warning and trained as a replicated module; one FFN reached by
+    two names becomes one shard."""
+    import warnings
+
+    import lightning as L
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Mixed(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(V, D)
+            one_head = nn.TransformerEncoderLayer(D, 1, FF, dropout=0.0, batch_first=True)
+            self.odd = nn.TransformerEncoder(one_head, 1, enable_nested_tensor=False)  # 1 head: not over 2 ranks
+            ffn = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, D))
+            self.ffn, self.inner = ffn, nn.Module()
+            self.inner.ffn = ffn  # the same module under a second name
+            self.head = nn.Linear(D, V)
+            self.losses = []
+
+        def configure_model(self):
+            if hasattr(self, "stack"):  # configure_model runs for every fit/validate/...
+                return
+            group = self.device_mesh["phantom_parallel"].get_group()
+            layer = lp.PhantomTransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True, ghosts=2,
+                                                      group=group, causal=True)
+            self.stack = lp.PhantomTransformerEncoder(layer, 2)
+
+        def forward(self, tokens):
+            x = self.stack(self.odd(self.embed(tokens)))
+            return self.head(self.ffn(x) + self.inner.ffn(x))
+
+        def training_step(self, batch, batch_idx):
+            tokens = batch[0]
+            loss = F.cross_entropy(self(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1))
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.02)
+
+    L.seed_everything(0)
+    tokens = torch.arange(SEQ + 1).repeat(16, 1) % V
+    model, strategy = Mixed(), lp.PhantomStrategy()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=10, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, DataLoader(TensorDataset(tokens), batch_size=16))
+    odd = torch.cat([p.detach().flatten() for p in model.odd.parameters()])
+    everyone = [torch.empty_like(odd) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, odd)
+    return {"warnings": [str(w.message) for w in caught if "leaves" in str(w.message)],
+            "odd": type(model.odd), "odd_equal": all(torch.equal(o, everyone[0]) for o in everyone),
+            "odd_trained": any(p.grad is not None for p in model.odd.parameters()),
+            "stack": type(model.stack).__name__, "shared": model.ffn is model.inner.ffn,
+            "ffn": type(model.ffn).__name__, "converted": dict(strategy.converted_modules), "losses": model.losses}
+
+
+def test_a_user_s_own_stack_is_kept_one_that_cannot_split_stays_dense_and_a_shared_ffn_stays_shared():
+    results = run_ranks(2, stacks_the_strategy_keeps_leaves_and_shares, timeout=300)
+    (warned,) = results[0]["warnings"]  # said once, by rank 0, with the reason and what to do
+    assert warned.startswith("PhantomStrategy leaves odd dense: odd.layers[0]: nhead (1) is not divisible by "
+                             "the phantom group size (2)") and "Choose nhead a multiple of 2" in warned, warned
+    assert results[1]["warnings"] == []
+    for r in results:
+        assert r["odd"] is nn.TransformerEncoder and r["odd_trained"] and r["odd_equal"]  # replicas stay equal
+        assert r["stack"] == "PhantomTransformerEncoder"
+        assert r["converted"]["stack"] == "user-built PhantomTransformerEncoder, 2 layers"
+        assert r["shared"] and r["ffn"] == "PhantomFFN"
+        assert "(shared)" in r["converted"]["inner.ffn"] and "(svd)" in r["converted"]["ffn"]
+        assert sorted(r["converted"]) == ["ffn", "inner.ffn", "stack"]
+        assert sum(r["losses"][-3:]) < 0.8 * sum(r["losses"][:3]), r["losses"]

@@ -21,7 +21,9 @@ class Probe(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         if batch_idx == 0:
-            print(f"rank {self.global_rank} threads {torch.get_num_threads()}", flush=True)
+            # One write of the whole line: the two ranks share stdout (print writes the text and its
+            # newline apart, so the lines could interleave).
+            os.write(1, f"rank {self.global_rank} threads {torch.get_num_threads()}\n".encode())
         return self.net(batch[0]).square().mean()
 
     def configure_optimizers(self):
