@@ -259,9 +259,10 @@ def fit_tracked(model: Tracked, steps: int, ckpt: str = None, save_to: str = Non
     L.seed_everything(0, verbose=False)
     loader = Batches(rows=64, batch_size=8, phantom=2)
     saving = [ModelCheckpoint(dirpath=save_to, filename="{step}", every_n_train_steps=2, save_top_k=-1)]
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(timeout=60), max_steps=steps,
-                        logger=False, enable_checkpointing=bool(save_to), callbacks=saving if save_to else None,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(timeout=60),
+                        max_steps=steps, logger=False, enable_checkpointing=bool(save_to),
+                        callbacks=saving if save_to else None, enable_progress_bar=False,
+                        enable_model_summary=False)
     loader.trainer = trainer
     trainer.fit(model, loader, ckpt_path=ckpt)
     return trainer

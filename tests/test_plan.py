@@ -58,6 +58,8 @@ def test_explicit_plan_names_modules_with_their_settings():
     ({"encoder.0": {}}, ["'encoder.0'", "Residual", "residual connection", "nn.Sequential inside it"]),
     ({"encoder.*.ffn": {}, "encoder.0.ffn": {}}, ["'encoder.0.ffn'", "matched by plan patterns"]),
     ({"encoder.0.ffn.0": {}}, ["'encoder.0.ffn.0'", "1 Linear"]),
+    ({"head": {}, "head.*": {}},
+     ["plan shards both 'head.0' and a module that contains it", "name one of them"]),
 ])
 def test_bad_plan_for_the_model_is_a_clear_error(entries, words):
     with pytest.raises(ValueError) as err:
@@ -71,12 +73,40 @@ def test_bad_plan_for_the_model_is_a_clear_error(entries, words):
     ({"net": {"init": "xavier"}}, ["init", "'xavier'"]),
     ({"net": {"ghosts": 0}}, ["ghosts", "0"]),
     ({}, ["non-empty mapping"]),
+    ({1: {}}, ["plan keys are module-name patterns such as 'encoder.*.ffn', got 1"]),
+    ({"net": {"overlap": "yes"}}, ["plan['net']['overlap'] must be True or False, got 'yes'"]),
 ])
 def test_bad_plan_settings_fail_when_the_strategy_is_built(entries, words):
     with pytest.raises(ValueError) as err:
         lp.PhantomStrategy(plan=entries)
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"ghosts": {1: 2}}, ["a ghosts mapping is keyed by module name", "got keys [1]"]),
+    ({"ghosts": {"net": 2}, "plan": {"net": {}}},
+     ["either in ghosts={name: ...} or in the plan's", "not both"]),
+])
+def test_per_module_ghosts_given_wrongly_fail_when_the_strategy_is_built(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        lp.PhantomStrategy(**kwargs)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_an_explicit_plan_keeps_the_phantom_modules_it_names_and_takes_module_settings():
+    from lightning_phantom.nn.plan import ModuleSettings
+
+    model = Encoder()
+    model.head = lp.PhantomFFN([6, 8, 8, 2], ghosts=2, shard=(0, 2))  # built by the user, this rank's shard
+    layer = lp.PhantomTransformerEncoderLayer(8, 2, 16, ghosts=2, shard=(0, 2))
+    model.stack = lp.PhantomTransformerEncoder(layer, 1)
+    settings = ModuleSettings(2, "random", False)  # as well as a mapping
+    found = plan_module(model, PhantomPlan(modules={"head": {}, "stack": {}, "encoder.0.ffn": settings}), 2)
+    assert found.built == [("head", model.head)] and found.built_stacks == [("stack", model.stack)]
+    converted = [(f.name, f.ghosts, f.init, f.overlap) for f, _ in found.convert]
+    assert converted == [("encoder.0.ffn", (2,), "random", False)]
 
 
 def fit_with_plan(entries):

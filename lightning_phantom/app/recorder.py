@@ -206,8 +206,9 @@ class RunRecorder(Callback):
         from lightning_phantom.nn.layers import sharded_parameters
 
         sharded = {id(p) for p in sharded_parameters(pl_module)}
-        self._local["params_sharded"] = sum(p.numel() for p in pl_module.parameters() if id(p) in sharded)
-        self._local["params_replicated"] = sum(p.numel() for p in pl_module.parameters() if id(p) not in sharded)
+        params = list(pl_module.parameters())
+        self._local["params_sharded"] = sum(p.numel() for p in params if id(p) in sharded)
+        self._local["params_replicated"] = sum(p.numel() for p in params if id(p) not in sharded)
         self._local["threads"] = torch.get_num_threads()  # intra-op threads this rank computes with
         self._sampler.start()
         self._t0 = time.perf_counter()
