@@ -496,3 +496,45 @@ def test_every_rank_lightnings_launcher_starts_takes_its_share_of_the_cores(tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     threads = dict(re.findall(r"rank (\d) threads (\d+)", out.stdout))
     assert threads == {"0": str(max(1, os.cpu_count() // 2)), "1": str(max(1, os.cpu_count() // 2))}, out.stdout
+
+
+# --------------------------------------------------------------------- Lightning's collectives
+class Gathers(Regression):
+    """Gathers each replica's rows in training_step, as a user collecting predictions does."""
+
+    def training_step(self, batch, batch_idx):
+        self.gathered = self.all_gather(batch[0][:, 0])  # (replicas, rows): one copy per replica
+        every = dist.new_group(list(range(dist.get_world_size())))  # every rank, when asked for by a group
+        self.gathered_world = self.all_gather(batch[0][:, 0], group=every)
+        return super().training_step(batch, batch_idx)
+
+
+def lightnings_collectives():
+    L.seed_everything(0)
+    model, strategy = Gathers(), lp.PhantomStrategy(phantom_parallel_size=2)
+    trainer = make_trainer(devices=4, strategy=strategy, max_steps=1)
+    trainer.fit(model, DataLoader(dataset(), batch_size=8))
+    data_rank = strategy.layout.coordinates(trainer.global_rank)[0]
+    strategy.barrier("test")
+    return {
+        "gathered": model.gathered, "world": model.gathered_world.shape, "data_rank": data_rank,
+        "sum": strategy.reduce(torch.tensor(float(data_rank + 1)), reduce_op="sum").item(),  # 1 + 2, once each
+        "plain": strategy.reduce(2.5),  # not a tensor: given back as it is
+        "broadcast": strategy.broadcast({"from": trainer.global_rank}),
+        "all": strategy.reduce_boolean_decision(trainer.global_rank != 3),
+        "any": strategy.reduce_boolean_decision(trainer.global_rank == 3, all=False),
+    }
+
+
+def test_all_gather_and_reduce_run_once_per_replica_and_the_rest_over_every_rank():
+    ranks = run_ranks(4, lightnings_collectives)
+    replicas = [r["gathered"] for r in ranks]
+    for r in ranks:
+        assert r["gathered"].shape == (2, 8) and torch.equal(r["gathered"], replicas[0])
+        assert r["world"] == (4, 8)
+        assert r["sum"] == 3.0 and r["plain"] == 2.5 and r["broadcast"] == {"from": 0}
+        assert r["all"] is False and r["any"] is True  # rank 3's vote counts
+    # The two replicas saw different rows; the ranks of one phantom group the same.
+    assert not torch.equal(replicas[0][0], replicas[0][1])
+    for r in ranks:
+        assert torch.equal(r["gathered"][r["data_rank"]], ranks[0]["gathered"][r["data_rank"]])

@@ -2,8 +2,9 @@
 
 The ranks of one phantom group see the same batch and hold the same logged values, so
 ``reduce`` and ``all_gather`` (behind ``self.log(..., sync_dist=True)`` and
-``self.all_gather``) run over the data-parallel group by default: each value counts once per
-replica, as on DDP, not once per rank. ``barrier``, ``broadcast`` and
+``self.all_gather``, which names the world group when the user does not) run over the
+data-parallel group by default: each value counts once per replica, as on DDP, not once per
+rank. ``barrier``, ``broadcast`` and
 ``reduce_boolean_decision`` (early stopping, checkpoint decisions) stay over the world:
 every rank takes part.
 """
@@ -57,7 +58,14 @@ class PhantomCollectives(ParallelStrategy):
 
     @override
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        """Over the data-parallel group by default: one copy per replica, not one per rank."""
+        """Over the data-parallel group by default: one copy per replica, not one per rank.
+
+        ``LightningModule.all_gather`` passes the world group when the user gives none, so the
+        world group means the default here too (else each replica's rows came back p times, and
+        a sum over them were p times DDP's). To gather over every rank, pass another group.
+        """
+        if group is dist.group.WORLD:
+            group = None
         return super().all_gather(tensor, group=self._default_group(group), sync_grads=sync_grads)
 
     @override
