@@ -471,3 +471,58 @@ def test_examples_train_then_serve_the_dense_model(tmp_path):
     mse = float(re.search(r"validation MSE (\S+)", serve.stdout).group(1))
     # The dense model computes what the phantom model computed when it was validated at the end of training.
     assert mse == pytest.approx(final, rel=1e-4)
+
+
+# ------------------------------------------------ compare's timeout: silence, not length
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" not in status.read_text()  # a zombie has stopped
+    except FileNotFoundError:
+        return False
+
+
+def test_a_run_is_killed_for_its_silence_not_its_length(tmp_path):
+    from lightning_phantom.app.processes import run_logged
+
+    # 7 s in all, never 5 s silent: a slow run that keeps printing its progress finishes.
+    slow = [sys.executable, "-c", "import time\nfor i in range(7):\n    print(i, flush=True)\n    time.sleep(1)"]
+    seen: list[str] = []
+    assert run_logged(slow, tmp_path / "slow.log", 5.0, seen.append) == 0
+    assert seen == [str(i) for i in range(7)]
+    # A hung run (it and a process it started print nothing more) is killed, with that process.
+    hung = [sys.executable, "-c", "import subprocess, sys, time\n"
+            "print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']).pid, flush=True)\n"
+            "time.sleep(120)"]
+    said: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"printed nothing for 5 s and was killed \(hung\?\); see .*hung.log"):
+        run_logged(hung, tmp_path / "hung.log", 5.0, said.append)
+    assert time.monotonic() - start < 20
+    time.sleep(0.5)
+    assert len(said) == 1 and not _alive(int(said[0]))
+
+
+def test_progress_lines_come_at_least_every_heartbeat_on_a_long_run(monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    from lightning_phantom.app.callbacks import ProgressLog
+
+    clock = [0.0]
+    monkeypatch.setattr("lightning_phantom.app.callbacks.time.perf_counter", lambda: clock[0])
+    out = io.StringIO()
+    log = ProgressLog(stream=out)  # auto: every 1,000 steps of 10,000
+    trainer = SimpleNamespace(global_step=0, max_steps=10_000, is_global_zero=True)
+    log.on_train_start(trainer, None)
+    for step in range(1, 301):  # one step every 0.5 s: 1,000 steps would take 500 s
+        clock[0], trainer.global_step = 0.5 * step, step
+        log.on_train_batch_end(trainer, None, 0.1, None, step - 1)
+    steps = [int(line.split()[1].split("/")[0]) for line in out.getvalue().splitlines()]
+    assert steps == [120, 240]  # every 60 s
+    explicit = ProgressLog(every=1000, stream=io.StringIO())  # what the user asked for, exactly
+    explicit.on_train_start(trainer, None)
+    for step in range(1, 301):
+        clock[0], trainer.global_step = 150 + 0.5 * step, step
+        explicit.on_train_batch_end(trainer, None, 0.1, None, step - 1)
+    assert explicit.stream.getvalue() == ""

@@ -31,7 +31,8 @@ def _last_step(trainer) -> int:
 
 
 class ProgressLog(Callback):
-    """One line per ``every`` training steps (``None``: about ten a run) and one per validation.
+    """One line per ``every`` training steps (``None``: about ten a run, and one at least every
+    ``HEARTBEAT_S`` seconds) and one per validation.
 
     Lines start with ``prefix`` (the app uses the strategy, ``"phantom: "``), which is how
     ``compare`` tells them from the rest of a run's output.
@@ -41,9 +42,14 @@ class ProgressLog(Callback):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"progress_every must be a positive integer or 'auto', got {every!r}")
         self.every, self.prefix, self.stream = every, prefix, stream
-        self._every, self._last, self._t0 = 1, 0, 0.0
+        self._every, self._last, self._t0, self._printed_at = 1, 0, 0.0, 0.0
+
+    # A long run still says how it is doing every minute; and ``compare`` takes a run that prints
+    # nothing for its compare.timeout_s for a hung one.
+    HEARTBEAT_S = 60.0
 
     def _print(self, line: str) -> None:
+        self._printed_at = time.perf_counter()
         print(self.prefix + line, file=self.stream or sys.stdout, flush=True)
 
     @override
@@ -51,14 +57,19 @@ class ProgressLog(Callback):
         self._last = _last_step(trainer)
         self._every = self.every or max(1, self._last // 10)
         self._t0, self._first = time.perf_counter(), trainer.global_step
+        self._printed_at = self._t0
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or (step % self._every and step != self._last):
+        now = time.perf_counter()
+        due = step % self._every == 0 or step == self._last
+        if self.every is None and now - self._printed_at >= self.HEARTBEAT_S:
+            due = True
+        if not trainer.is_global_zero or not due:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        per_step = (time.perf_counter() - self._t0) / max(1, step - self._first)
+        per_step = (now - self._t0) / max(1, step - self._first)
         eta = f", ETA {_duration(per_step * (self._last - step))}" if step < self._last else ""
         ms = 1e3 * per_step
         shown = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"

@@ -190,7 +190,10 @@ def compare(cfg: DictConfig) -> str:
                   f"{' '.join(overrides)}", flush=True)
             start = time.perf_counter()
             relay = None if cfg.get("quiet", False) else _progress_relay(plan.strategy)
-            rc = run_app_subprocess(overrides, run_dir, run_dir / "run.log", cfg.compare.timeout_s, relay)
+            # The run prints its progress whatever quiet says (compare.quiet only stops the relay):
+            # compare.timeout_s takes a run that stays silent that long for a hung one.
+            rc = run_app_subprocess([*overrides, "quiet=false"], run_dir, run_dir / "run.log",
+                                    cfg.compare.timeout_s, relay)
             if rc or not (run_dir / RESULT_FILE).exists():
                 sys.stderr.write((run_dir / "run.log").read_text()[-6000:])
                 raise RuntimeError(f"compare: the {s} run failed (exit code {rc}); see {run_dir / 'run.log'}")
