@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,27 +91,33 @@ def test_each_block_compiles_as_one_graph():
         assert max(errors) < 1e-5, errors
 
 
+class NextToken(L.LightningModule):
+    """How a user trains a language model: next-token cross-entropy with Adam; each step's loss kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch[0]
+        loss = F.cross_entropy(self(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1))
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.02)
+
+
 def lightning_language_model(path: str):
-    import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    class TinyLM(L.LightningModule):
+    class TinyLM(NextToken):
         def __init__(self):
             super().__init__()
             self.body = Body()
-            self.losses = []
 
         def forward(self, tokens):
             return self.body(tokens)
-
-        def training_step(self, batch, batch_idx):
-            tokens = batch[0]
-            loss = F.cross_entropy(self(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1))
-            self.losses.append(loss.item())
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=0.02)
 
     def trainer(steps, **kw):
         return L.Trainer(accelerator="cpu", devices=2, strategy=lp.PhantomStrategy(ghosts=2), max_steps=steps,
@@ -179,11 +186,10 @@ def stacks_the_strategy_keeps_leaves_and_shares():
     two names becomes one shard."""
     import warnings
 
-    import lightning as L
     import torch.distributed as dist
     from torch.utils.data import DataLoader, TensorDataset
 
-    class Mixed(L.LightningModule):
+    class Mixed(NextToken):
         def __init__(self):
             super().__init__()
             self.embed = nn.Embedding(V, D)
@@ -194,7 +200,6 @@ def stacks_the_strategy_keeps_leaves_and_shares():
             self.ffn, self.inner = ffn, nn.Module()
             self.inner.ffn = ffn  # the same module under a second name
             self.head = nn.Linear(D, V)
-            self.losses = []
 
         def configure_model(self):
             if hasattr(self, "stack"):  # configure_model runs for every fit/validate/...
@@ -207,15 +212,6 @@ def stacks_the_strategy_keeps_leaves_and_shares():
         def forward(self, tokens):
             x = self.stack(self.odd(self.embed(tokens)))
             return self.head(self.ffn(x) + self.inner.ffn(x))
-
-        def training_step(self, batch, batch_idx):
-            tokens = batch[0]
-            loss = F.cross_entropy(self(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1))
-            self.losses.append(loss.item())
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=0.02)
 
     L.seed_everything(0)
     tokens = torch.arange(SEQ + 1).repeat(16, 1) % V
