@@ -38,15 +38,15 @@ class ProgressLog(Callback):
     ``compare`` tells them from the rest of a run's output.
     """
 
+    # A long run still says how it is doing every minute; and ``compare`` takes a run that prints
+    # nothing for its compare.timeout_s for a hung one.
+    HEARTBEAT_S = 60.0
+
     def __init__(self, every: Optional[int] = None, prefix: str = "", stream=None) -> None:
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"progress_every must be a positive integer or 'auto', got {every!r}")
         self.every, self.prefix, self.stream = every, prefix, stream
         self._every, self._last, self._t0, self._printed_at = 1, 0, 0.0, 0.0
-
-    # A long run still says how it is doing every minute; and ``compare`` takes a run that prints
-    # nothing for its compare.timeout_s for a hung one.
-    HEARTBEAT_S = 60.0
 
     def _print(self, line: str) -> None:
         self._printed_at = time.perf_counter()
@@ -63,9 +63,8 @@ class ProgressLog(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         now = time.perf_counter()
-        due = step % self._every == 0 or step == self._last
-        if self.every is None and now - self._printed_at >= self.HEARTBEAT_S:
-            due = True
+        due = (step % self._every == 0 or step == self._last
+               or (self.every is None and now - self._printed_at >= self.HEARTBEAT_S))
         if not trainer.is_global_zero or not due:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

@@ -55,19 +55,18 @@ def run_logged(command: Sequence[str], log_path: Path, silence_s: float,
 
         reader = threading.Thread(target=copy, daemon=True, name="run-output")
         reader.start()
+        rc = None
         try:
-            while True:
+            while rc is None:
                 quiet_for = time.monotonic() - last_output[0]
-                if quiet_for >= silence_s:
-                    _kill(proc)
+                if quiet_for >= silence_s:  # killed below, as on any error
                     raise TimeoutError(f"{' '.join(command)} printed nothing for {quiet_for:.0f} s and was "
                                        f"killed (hung?); see {log_path}. compare.timeout_s sets how long a "
                                        "run may stay silent.")
                 try:
                     rc = proc.wait(timeout=min(5.0, silence_s - quiet_for))
-                    break
                 except subprocess.TimeoutExpired:
-                    continue
+                    pass
         except BaseException:
             _kill(proc)
             raise

@@ -26,12 +26,12 @@ def model_params(result: dict) -> int:
     (the output bias; a GPT's embeddings, final norm and head): the shards summed over one
     group, the copies once.
     """
-    sizes, ranks = result["sizes"], result["per_rank"]
     if result["strategy"] == "phantom":
-        replicas = result.get("data_parallel", 1)
+        ranks, replicas = result["per_rank"], result.get("data_parallel", 1)
         return sum(r["params_sharded"] for r in ranks) // replicas + ranks[0]["params_replicated"]
     if result.get("params_model") is not None:  # a model that counts its own (the GPT)
         return result["params_model"]
+    sizes = result["sizes"]
     return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
 
 
