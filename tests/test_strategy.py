@@ -503,7 +503,8 @@ class Gathers(Regression):
     """Gathers each replica's rows in training_step, as a user collecting predictions does."""
 
     def training_step(self, batch, batch_idx):
-        self.gathered = self.all_gather(batch[0][:, 0])  # (replicas, rows): one copy per replica
+        self.mine = batch[0][:, 0]
+        self.gathered = self.all_gather(self.mine)  # (replicas, rows): one copy per replica
         every = dist.new_group(list(range(dist.get_world_size())))  # every rank, when asked for by a group
         self.gathered_world = self.all_gather(batch[0][:, 0], group=every)
         return super().training_step(batch, batch_idx)
@@ -517,7 +518,8 @@ def lightnings_collectives():
     data_rank = strategy.layout.coordinates(trainer.global_rank)[0]
     strategy.barrier("test")
     return {
-        "gathered": model.gathered, "world": model.gathered_world.shape, "data_rank": data_rank,
+        "mine": model.mine, "gathered": model.gathered, "world": model.gathered_world.shape,
+        "data_rank": data_rank,
         "sum": strategy.reduce(torch.tensor(float(data_rank + 1)), reduce_op="sum").item(),  # 1 + 2, once each
         "plain": strategy.reduce(2.5),  # not a tensor: given back as it is
         "broadcast": strategy.broadcast({"from": trainer.global_rank}),
@@ -534,7 +536,7 @@ def test_all_gather_and_reduce_run_once_per_replica_and_the_rest_over_every_rank
         assert r["world"] == (4, 8)
         assert r["sum"] == 3.0 and r["plain"] == 2.5 and r["broadcast"] == {"from": 0}
         assert r["all"] is False and r["any"] is True  # rank 3's vote counts
-    # The two replicas saw different rows; the ranks of one phantom group the same.
+    # The two replicas saw different rows; each rank's own rows are its replica's entry.
     assert not torch.equal(replicas[0][0], replicas[0][1])
     for r in ranks:
-        assert torch.equal(r["gathered"][r["data_rank"]], ranks[0]["gathered"][r["data_rank"]])
+        assert torch.equal(r["gathered"][r["data_rank"]], r["mine"])
